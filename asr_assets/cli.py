@@ -1,0 +1,143 @@
+"""``asr-assets`` command line.
+
+    asr-assets materialize [--manifests PATH]... [--output DIR] [--frontend NAME]... [--workers N]
+                           [--source-base DIR] [--no-ffmpeg-fallback] [--fail-fast]
+    asr-assets frontends
+
+``materialize`` runs the whole graph through Dagster against the instance in ``DAGSTER_HOME``
+(default ``./dagster_home``): one run for every split of ``record_cache``, then one run per split
+covering all 64 shards of every enabled frontend. Runs, lineage and metadata then show in
+``dagster dev``. Exit status: 0 when the graph is complete (utterances that failed are in
+``<output>/reports/``), 1 when a run failed, 2 on a configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import AsrAssetsError
+from .settings import SPLITS, Settings
+
+_QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asr-assets", description="Record and feature caches for ASR training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    mat = sub.add_parser("materialize", help="materialize the whole graph (record cache, then feature shards)")
+    mat.add_argument("--manifests", action="append", metavar="PATH",
+                     help="manifest file or folder; repeatable (default: $ASR_ASSETS_MANIFESTS or the bundled sample)")
+    mat.add_argument("--output", metavar="DIR", help="output root (default: $ASR_ASSETS_OUTPUT or artifacts/)")
+    mat.add_argument("--frontend", action="append", metavar="NAME",
+                     help="frontend to cache; repeatable (default: $ASR_ASSETS_FRONTENDS or squeezeformer)")
+    mat.add_argument("--workers", type=int, help="feature-extraction processes (default: every core)")
+    mat.add_argument("--source-base", metavar="DIR", help="base folder of relative audio paths instead of each manifest root")
+    mat.add_argument("--no-ffmpeg-fallback", action="store_true", help="decode with libsndfile only (no PyAV)")
+    mat.add_argument("--fail-fast", action="store_true", help="fail the run on the first utterance that cannot be featurized")
+    sub.add_parser("frontends", help="list the registered frontends with their cache hash")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    from .frontends import get_frontend
+    from .manifests import discover_manifests
+
+    settings = Settings.from_env(
+        manifests=args.manifests, output=args.output, frontends=args.frontend, workers=args.workers,
+        source_base=args.source_base, ffmpeg_fallback=False if args.no_ffmpeg_fallback else None,
+        fail_fast=True if args.fail_fast else None,
+    )
+    for source in settings.manifests:
+        discover_manifests(source)  # raises ManifestError naming the source
+    for name in settings.frontends:
+        get_frontend(name)  # raises UnknownFrontendError listing the available ones
+    if settings.source_base and not Path(settings.source_base).is_dir():
+        raise AsrAssetsError(f"--source-base {settings.source_base!r} is not a folder")
+    return settings
+
+
+def _dagster_instance():
+    import dagster as dg
+
+    home = os.environ.get("DAGSTER_HOME") or "dagster_home"
+    home = str(Path(home).resolve())
+    Path(home).mkdir(parents=True, exist_ok=True)
+    config = Path(home) / "dagster.yaml"
+    if not config.exists():  # a fresh instance: local SQLite storage, no telemetry
+        config.write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
+    os.environ["DAGSTER_HOME"] = home
+    return dg.DagsterInstance.get()
+
+
+def materialize(settings: Settings) -> int:
+    """Run the whole graph; returns the process exit status."""
+    import warnings
+
+    import dagster as dg
+
+    from .definitions import build_graph
+    from .defs.partitions import NUM_SHARDS, feature_partition_key
+
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+    instance = _dagster_instance()
+    graph = build_graph(settings)
+    everything = [graph.record_cache, *graph.feature_assets, *graph.checks]
+    print(f"asr-assets: manifests {list(settings.manifests)} -> {settings.output_path} "
+          f"(frontends {', '.join(settings.frontends)}; DAGSTER_HOME={os.environ['DAGSTER_HOME']})", flush=True)
+
+    def run(selection, start: str, end: str, what: str) -> bool:
+        result = dg.materialize(
+            everything, selection=selection, instance=instance, resources=graph.resources, raise_on_error=False,
+            run_config=_QUIET_LOGS,
+            tags={"dagster/asset_partition_range_start": start, "dagster/asset_partition_range_end": end, "asr/cli": "materialize"},
+        )
+        if not result.success:
+            print(f"asr-assets: run {result.run_id} ({what}) FAILED; see `dagster dev` or the log above", file=sys.stderr)
+        return result.success
+
+    ok = run(dg.AssetSelection.assets(graph.record_cache), SPLITS[0], SPLITS[-1], "record_cache")
+    if ok:
+        for split in SPLITS:
+            ok = run(dg.AssetSelection.assets(*graph.feature_assets), feature_partition_key(split, 0),
+                     feature_partition_key(split, NUM_SHARDS - 1), f"features of {split}") and ok
+    _print_summary(settings)
+    return 0 if ok else 1
+
+
+def _print_summary(settings: Settings) -> None:
+    from .record_cache import RecordStore
+
+    reports = settings.output_path / "reports"
+    for split in SPLITS:
+        path = settings.record_cache_path(split)
+        if path.exists():
+            rejected = settings.records_report_path(split)
+            n_rejected = sum(1 for _ in open(rejected, encoding="utf-8")) if rejected.exists() else 0
+            print(f"  {split:<10} {len(RecordStore(path)):>7} records, {n_rejected} manifest rows not cached")
+    failures = sum(sum(1 for _ in open(p, encoding="utf-8")) for p in reports.glob("*/*/shard_*.jsonl")) if reports.exists() else 0
+    print(f"  feature failures: {failures} (reports under {reports})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "frontends":
+        from .frontends import available_frontends, get_frontend
+
+        for name in available_frontends():
+            fe = get_frontend(name)
+            print(f"{name:<16} dim {fe.feature_dim:<5} hash {fe.frontend_hash()}")
+        return 0
+    try:
+        settings = _settings(args)
+    except (AsrAssetsError, ValueError) as exc:
+        print(f"asr-assets: error: {exc}", file=sys.stderr)
+        return 2
+    return materialize(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

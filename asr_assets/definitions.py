@@ -1,0 +1,46 @@
+"""The Dagster code location: ``dagster dev -w workspace.yaml`` or ``-m asr_assets.definitions``.
+
+Settings are read from the environment (``ASR_ASSETS_*``, see :mod:`asr_assets.settings`) when
+Dagster loads the definitions, not at import time. One feature asset exists per enabled frontend.
+"""
+
+from dataclasses import dataclass
+
+import dagster as dg
+
+from asr_assets.settings import Settings
+
+
+@dataclass(frozen=True)
+class Graph:
+    """The pieces of the graph for one set of settings."""
+
+    record_cache: dg.AssetsDefinition
+    feature_assets: tuple
+    checks: tuple
+    resources: dict
+
+
+def build_graph(settings: Settings) -> Graph:
+    from asr_assets.defs.assets import build_feature_asset, record_cache
+    from asr_assets.defs.checks import build_feature_check, record_cache_consistent
+    from asr_assets.defs.resources import AsrAssetsConfig
+
+    feature_assets = tuple(build_feature_asset(name) for name in settings.frontends)
+    checks = (record_cache_consistent, *(build_feature_check(n, a) for n, a in zip(settings.frontends, feature_assets)))
+    return Graph(record_cache, feature_assets, checks, {"asr_config": AsrAssetsConfig.from_settings(settings)})
+
+
+def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+    """Assets, checks and resources for ``settings`` (default: from the environment)."""
+    graph = build_graph(settings or Settings.from_env())
+    return dg.Definitions(
+        assets=[graph.record_cache, *graph.feature_assets],
+        asset_checks=list(graph.checks),
+        resources=graph.resources,
+    )
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_definitions()

@@ -1,0 +1,128 @@
+"""Assets: ``record_cache`` (per split) and one ``<frontend>_features`` asset per enabled frontend
+(per split x shard, depending on ``record_cache[split]``).
+
+Both iterate ``context.partition_keys``, so one run may cover one partition (CLI, UI) or a range
+(backfills with the multi-run policy, ``asr-assets materialize``); metadata is attached per
+partition either way.
+"""
+
+
+import time
+from collections import Counter, defaultdict
+
+import dagster as dg
+import numpy as np
+
+from asr_assets.frontends import get_frontend
+from asr_assets.pipeline import build_feature_shards, build_record_cache
+
+from .partitions import feature_partition_key, feature_partitions, parse_feature_partition_key, split_partitions
+from .resources import AsrAssetsConfig
+
+RECORD_CACHE_VERSION = "1"
+FEATURES_CODE_VERSION = "1"
+
+
+def feature_asset_name(frontend: str) -> str:
+    """``w2v-bert`` -> ``w2v_bert_features`` (asset names are identifiers)."""
+    return frontend.replace("-", "_") + "_features"
+
+
+def _duration_histogram(durations: list[float]) -> str:
+    if not durations:
+        return "no utterances"
+    edges = [0, 1, 2, 5, 10, 15, 20, 30, float("inf")]
+    counts, _ = np.histogram(durations, bins=edges)
+    rows = ["| duration (s) | utterances |", "|---|---|"]
+    for lo, hi, n in zip(edges[:-1], edges[1:], counts):
+        if n:
+            rows.append(f"| {lo:g}–{hi:g} | {n} {'█' * max(1, round(30 * n / max(counts)))} |")
+    return "\n".join(rows)
+
+
+@dg.asset(
+    partitions_def=split_partitions,
+    group_name="record_cache",
+    kinds={"python", "jsonl"},
+    code_version=RECORD_CACHE_VERSION,
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=3),
+    description="Per split: record_cache/<split>.jsonl + little-endian sidecars + audio blobs, from every manifest.",
+)
+def record_cache(context: dg.AssetExecutionContext, asr_config: AsrAssetsConfig) -> None:
+    settings = asr_config.settings()
+    for split in context.partition_keys:
+        result = build_record_cache(settings, split, log=context.log.info)
+        reasons = Counter(r.stage for r in result.rejections)
+        context.add_asset_metadata(
+            {
+                "dagster/row_count": result.summary.utterances,
+                "audio_hours": round(result.summary.audio_seconds / 3600, 4),
+                "rows_not_cached": len(result.rejections),
+                "rows_not_cached_by_stage": dg.MetadataValue.json(dict(reasons)),
+                "audio_blobs": result.summary.blobs,
+                "path": dg.MetadataValue.path(result.summary.path),
+                "report": dg.MetadataValue.path(result.report_path),
+                "duration_histogram": dg.MetadataValue.md(_duration_histogram(result.summary.durations_s)),
+                "manifests": dg.MetadataValue.json(list(settings.manifests)),
+                "seconds": round(result.seconds, 2),
+            },
+            partition_key=split,
+        )
+
+
+def build_feature_asset(frontend_name: str) -> dg.AssetsDefinition:
+    """The ``<frontend>_features`` asset: one partition = one shard of one split."""
+    frontend = get_frontend(frontend_name)
+
+    @dg.asset(
+        name=feature_asset_name(frontend_name),
+        partitions_def=feature_partitions,
+        deps=[dg.AssetDep(record_cache, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="split"))],
+        group_name="feature_cache",
+        kinds={"python", "parquet"},
+        code_version=f"{FEATURES_CODE_VERSION}-{frontend.frontend_hash()}",
+        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=64),
+        pool="feature_extraction",
+        tags={"asr/frontend": frontend_name},
+        description=(f"{frontend_name} features ({frontend.feature_dim}-dim, hash {frontend.frontend_hash()}) in "
+                     "feature-cache/<split>/feature_shards/features_NN/part_*.parquet."),
+    )
+    def _features(context: dg.AssetExecutionContext, asr_config: AsrAssetsConfig) -> None:
+        settings = asr_config.settings(frontends=(frontend_name,))
+        by_split: dict[str, list[int]] = defaultdict(list)
+        for key in context.partition_keys:
+            split, shard = parse_feature_partition_key(key)
+            by_split[split].append(shard)
+        for split, shards in by_split.items():
+            start = time.perf_counter()
+            stats = build_feature_shards(settings, frontend_name, split, shards, log=context.log.info)
+            elapsed = time.perf_counter() - start
+            total_audio = sum(s.audio_seconds for s in stats.values())
+            context.log.info(
+                f"{frontend_name}[{split}]: {len(shards)} shards, {sum(s.computed for s in stats.values())} computed, "
+                f"{sum(s.skipped for s in stats.values())} already cached, {sum(s.failed for s in stats.values())} failed, "
+                f"{total_audio / max(elapsed, 1e-9):.0f}x real time (wall, all workers)"
+            )
+            for shard, s in stats.items():
+                report = settings.features_report_path(frontend_name, split, shard)
+                context.add_asset_metadata(
+                    {
+                        "dagster/row_count": s.computed + s.skipped,
+                        "records": s.records,
+                        "computed": s.computed,
+                        "skipped_already_cached": s.skipped,
+                        "failures": s.failed,
+                        "audio_seconds": round(s.audio_seconds, 2),
+                        "audio_hours": round(s.audio_seconds / 3600, 5),
+                        "xrt_per_core": round(s.xrt_per_core, 1),
+                        "frames": s.frames,
+                        "parts_written": s.parts_written,
+                        "empty_shard": s.records == 0,
+                        "frontend_hash": frontend.frontend_hash(),
+                        "path": dg.MetadataValue.path(str(settings.feature_split_root(split) / "feature_shards" / f"features_{shard:02d}")),
+                        **({"failure_report": dg.MetadataValue.path(str(report))} if s.failed else {}),
+                    },
+                    partition_key=feature_partition_key(split, shard),
+                )
+
+    return _features

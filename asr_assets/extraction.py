@@ -1,0 +1,248 @@
+"""The extraction loop: record store -> audio -> features -> feature shards (deterministic, parallel).
+
+Entry points:
+    - :class:`ExtractionConfig` — workers, part size, decode options, fail_fast.
+    - :func:`extract_shards` — compute the missing features of some shards of one split.
+    - :class:`ShardStats`, :class:`Failure`.
+
+Work is split across ``workers`` processes (one thread each: per-utterance DSP does not gain
+from threads on small machines); results are consumed in record order, so the rows of every part
+are the same whatever the number of workers. At most ``4 * workers`` utterances are in flight,
+which bounds memory to that many decoded clips (each capped by ``max_decode_s``).
+An utterance that cannot be decoded or featurized becomes a :class:`Failure` and the loop goes
+on, unless ``fail_fast``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .audio import DecodeConfig, load_audio
+from .errors import AsrAssetsError
+from .feature_cache import ShardWriter, ShardedParquetFeatureCache, cache_key, encode_payload, shard_index
+from .frontends import Frontend
+from .record_cache import RecordStore
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """Runtime settings of feature extraction (none of them changes the cache key).
+
+    Attributes:
+        workers: worker processes; 1 runs in-process. Default: every core.
+        rows_per_part: rows per Parquet part (upstream Rust default 256).
+        num_shards: shards per split (64).
+        ffmpeg_fallback: decode with PyAV when libsndfile cannot.
+        max_decode_s: refuse audio longer than this many seconds, before holding it in memory.
+        fail_fast: raise on the first failing utterance instead of reporting it.
+    """
+
+    workers: int = os.cpu_count() or 1
+    rows_per_part: int = 256
+    num_shards: int = 64
+    ffmpeg_fallback: bool = True
+    max_decode_s: float = 60.0
+    fail_fast: bool = False
+
+
+@dataclass
+class Failure:
+    """One utterance that has no features, and why (a line of the failure report)."""
+
+    utterance_id: str
+    audio_source: str | None
+    stage: str
+    error: str
+    shard: int
+
+
+@dataclass
+class ShardStats:
+    """Outcome of one shard: counts, seconds of audio computed, failures."""
+
+    shard: int
+    records: int = 0
+    computed: int = 0
+    skipped: int = 0
+    failed: int = 0
+    audio_seconds: float = 0.0
+    frames: int = 0
+    parts_written: int = 0
+    worker_seconds: float = 0.0
+    failures: list[Failure] = field(default_factory=list)
+
+    @property
+    def xrt_per_core(self) -> float:
+        """Seconds of audio featurized per second of worker time (decode + features)."""
+        return self.audio_seconds / self.worker_seconds if self.worker_seconds > 0 else 0.0
+
+    def summary(self) -> dict:
+        data = asdict(self)
+        data.pop("failures")
+        return data
+
+
+@dataclass(frozen=True)
+class _Task:
+    utterance_id: str
+    source: str | None
+    hint: str | None
+    shard: int
+    key: str
+
+
+_STATE: dict = {}
+
+
+def _init_worker(frontend: Frontend, decode_config: DecodeConfig) -> None:
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    _STATE["frontend"] = frontend
+    _STATE["decode"] = decode_config
+
+
+def _featurize(task: _Task) -> tuple[bytes | None, float, int, str | None, str | None, float]:
+    """-> (payload, audio seconds, frames, failed stage, error, worker seconds) for one utterance."""
+    start = time.perf_counter()
+    result = _featurize_timed(task)
+    return (*result, time.perf_counter() - start)
+
+
+def _featurize_timed(task: _Task) -> tuple[bytes | None, float, int, str | None, str | None]:
+    frontend: Frontend = _STATE["frontend"]
+    if task.source is None:
+        return None, 0.0, 0, "decode", "record has neither audio_path nor audio_blob_path"
+    try:
+        samples = load_audio(task.source, hint=task.hint, config=_STATE["decode"], target_rate=frontend.sample_rate)
+    except AsrAssetsError as exc:
+        return None, 0.0, 0, "decode", str(exc)
+    except Exception as exc:  # a decoder bug on hostile input must not stop the run
+        return None, 0.0, 0, "decode", f"{type(exc).__name__}: {exc}"
+    seconds = len(samples) / frontend.sample_rate
+    if len(samples) < frontend.min_num_samples:
+        return None, seconds, 0, "featurize", (
+            f"{len(samples)} samples at {frontend.sample_rate} Hz < {frontend.min_num_samples} needed for one {frontend.name} frame"
+        )
+    try:
+        features = frontend(samples, frontend.sample_rate)
+    except Exception as exc:
+        return None, seconds, 0, "featurize", f"{type(exc).__name__}: {exc}"
+    if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] != frontend.feature_dim:
+        return None, seconds, 0, "featurize", f"implausible feature shape {features.shape} (want [frames>0, {frontend.feature_dim}])"
+    if not np.isfinite(features).all():
+        return None, seconds, 0, "featurize", f"{int((~np.isfinite(features)).sum())} non-finite feature values"
+    return encode_payload(features), seconds, int(features.shape[0]), None, None
+
+
+def plan_shard_tasks(store: RecordStore, frontend_hash: str, shards: Iterable[int], num_shards: int) -> dict[int, list[_Task]]:
+    """Records of ``store`` that fall in ``shards``, as tasks in record order."""
+    wanted = set(shards)
+    plan: dict[int, list[_Task]] = {s: [] for s in sorted(wanted)}
+    for item in store:
+        key = cache_key(item["utterance_id"], frontend_hash)
+        shard = shard_index(key, num_shards)
+        if shard in wanted:
+            source = item.get("audio_blob_abspath") or item.get("audio_path")
+            plan[shard].append(_Task(item["utterance_id"], source, item.get("audio_path"), shard, key))
+    return plan
+
+
+def extract_shards(
+    store: RecordStore,
+    split_root: str | os.PathLike,
+    frontend: Frontend,
+    shards: Sequence[int],
+    config: ExtractionConfig = ExtractionConfig(),
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[int, ShardStats]:
+    """Compute and store the features that ``shards`` of ``split_root`` are missing.
+
+    Keys already present (live) in a shard are skipped; new rows are appended as new parts, so
+    existing parts are never rewritten and a run with nothing new writes nothing.
+
+    Args:
+        store: the split's record store.
+        split_root: ``<output>/feature-cache/<split>``.
+        frontend: a :class:`asr_assets.frontends.Frontend` (its hash keys the cache).
+        shards: shard indexes to bring up to date.
+        config: :class:`ExtractionConfig`.
+        progress: called as ``progress(done, total)`` after each utterance.
+
+    Returns:
+        ``{shard: ShardStats}``.
+
+    Raises:
+        AsrAssetsError: only with ``config.fail_fast``, on the first failing utterance.
+    """
+    fhash = frontend.frontend_hash()
+    plan = plan_shard_tasks(store, fhash, shards, config.num_shards)
+    reader = ShardedParquetFeatureCache(split_root, config.num_shards)
+    stats = {s: ShardStats(shard=s, records=len(tasks)) for s, tasks in plan.items()}
+    todo: list[_Task] = []
+    for shard, tasks in plan.items():
+        present = reader.keys(shard) if tasks else set()
+        for task in tasks:
+            if task.key in present:
+                stats[shard].skipped += 1
+            else:
+                todo.append(task)
+    metadata = {"frontend": frontend.name, "frontend_hash": fhash, "config_repr": frontend.config_repr(),
+                "feature_dim": frontend.feature_dim, "sample_rate_hz": frontend.sample_rate}
+    writers = {s: ShardWriter(split_root, s, rows_per_part=config.rows_per_part, metadata=metadata) for s in plan}
+    decode = DecodeConfig(ffmpeg_fallback=config.ffmpeg_fallback, max_duration_s=config.max_decode_s)
+    try:
+        for done, (task, result) in enumerate(_run(todo, frontend, decode, config.workers), start=1):
+            payload, seconds, frames, stage, error, busy = result
+            shard_stats = stats[task.shard]
+            shard_stats.worker_seconds += busy
+            if payload is None:
+                failure = Failure(task.utterance_id, task.source, stage or "featurize", error or "unknown", task.shard)
+                if config.fail_fast:
+                    raise AsrAssetsError(f"utterance {task.utterance_id!r} ({task.source}): {failure.stage}: {failure.error}")
+                shard_stats.failed += 1
+                shard_stats.failures.append(failure)
+            else:
+                writers[task.shard].add_payload(task.key, payload)
+                shard_stats.computed += 1
+                shard_stats.audio_seconds += seconds
+                shard_stats.frames += frames
+            if progress is not None:
+                progress(done, len(todo))
+    finally:
+        for shard, writer in writers.items():
+            writer.close()
+            stats[shard].parts_written = len(writer.parts_written)
+    return stats
+
+
+def _run(tasks: list[_Task], frontend: Frontend, decode: DecodeConfig, workers: int):
+    """Yield ``(task, result)`` in task order, with at most ``4 * workers`` in flight."""
+    if workers <= 1 or len(tasks) <= 1:
+        _STATE.update(frontend=frontend, decode=decode)
+        for task in tasks:
+            yield task, _featurize(task)
+        return
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                             initargs=(frontend, decode)) as pool:
+        window: deque = deque()
+        pending = iter(tasks)
+        for task in pending:
+            window.append((task, pool.submit(_featurize, task)))
+            if len(window) >= 4 * workers:
+                break
+        while window:
+            task, future = window.popleft()
+            yield task, future.result()
+            nxt = next(pending, None)
+            if nxt is not None:
+                window.append((nxt, pool.submit(_featurize, nxt)))

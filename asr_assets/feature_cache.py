@@ -1,0 +1,265 @@
+"""The sharded Parquet feature cache (spec §3).
+
+Entry points:
+    - :func:`cache_key`, :func:`shard_index` — ``sha256(f"{utterance_id}:{hash12}")``, ``int(key[:8], 16) % 64``.
+    - :func:`encode_payload`, :func:`decode_payload` — the ``SFCF32L1`` payload.
+    - :class:`ShardWriter` — appends parts to one shard, each part atomically renamed into place.
+    - :class:`ShardedParquetFeatureCache` — reader with upstream semantics (newest part wins,
+      last row of a key within a part wins, tombstones).
+
+Layout::
+
+    <split_root>/feature_shards/features_NN/part_<pid>_<time_ns>_<counter:06d>.parquet
+        key: string, payload: binary (SFCF32L1, null for a tombstone), deleted: bool
+
+A part is written as ``.tmp-part_*.parquet.<pid>`` in the same folder and renamed, so readers,
+which list ``part_*.parquet`` only, never see a half-written part. Each part carries Parquet
+key-value metadata saying how it was written (format, frontend, hash, config repr).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import CacheCorruptError
+
+MAGIC = b"SFCF32L1"
+DEFAULT_NUM_SHARDS = 64
+SCHEMA = pa.schema([("key", pa.string()), ("payload", pa.binary()), ("deleted", pa.bool_())])
+_HEADER = struct.Struct("<8sII")
+
+
+def cache_key(utterance_id: str, frontend_hash: str) -> str:
+    """64-hex ``sha256(f"{utterance_id}:{frontend_hash}")`` (spec §3.2)."""
+    return hashlib.sha256(f"{utterance_id}:{frontend_hash}".encode("utf-8")).hexdigest()
+
+
+def shard_index(key: str, num_shards: int = DEFAULT_NUM_SHARDS) -> int:
+    """``int(key[:8], 16) % num_shards``."""
+    return int(key[:8], 16) % num_shards
+
+
+def shard_dir(split_root: str | os.PathLike, shard: int) -> Path:
+    """``<split_root>/feature_shards/features_NN``."""
+    return Path(split_root) / "feature_shards" / f"features_{shard:02d}"
+
+
+def encode_payload(features: np.ndarray) -> bytes:
+    """``SFCF32L1`` + u32 rows + u32 cols + float32 LE row-major ``[frames, dims]`` (spec §3.4)."""
+    array = np.ascontiguousarray(features, dtype="<f4")
+    if array.ndim != 2:
+        raise ValueError(f"features must be 2-D [frames, dims], got shape {array.shape}")
+    rows, cols = array.shape
+    return _HEADER.pack(MAGIC, rows, cols) + array.tobytes()
+
+
+def decode_payload(payload: bytes) -> np.ndarray:
+    """Inverse of :func:`encode_payload`; float32 ``[rows, cols]``.
+
+    Raises:
+        CacheCorruptError: wrong magic (e.g. a legacy ``torch.save`` payload, which is never
+            unpickled here) or a size other than ``16 + rows*cols*4``.
+    """
+    if len(payload) < _HEADER.size or payload[:8] != MAGIC:
+        raise CacheCorruptError("payload is not SFCF32L1 (legacy torch.save payloads are not unpickled)")
+    _, rows, cols = _HEADER.unpack_from(payload)
+    if len(payload) != _HEADER.size + rows * cols * 4:
+        raise CacheCorruptError(f"payload of {len(payload)} bytes does not hold {rows}x{cols} float32")
+    return np.frombuffer(payload, dtype="<f4", offset=_HEADER.size).reshape(rows, cols).astype(np.float32)
+
+
+def list_parts(directory: Path) -> list[Path]:
+    """Committed parts of a shard, oldest first by ``(st_mtime_ns, name)``."""
+    try:
+        entries = [e for e in os.scandir(directory) if e.name.startswith("part_") and e.name.endswith(".parquet")]
+    except FileNotFoundError:
+        return []
+    entries.sort(key=lambda e: (e.stat().st_mtime_ns, e.name))
+    return [Path(e.path) for e in entries]
+
+
+class ShardWriter:
+    """Writes rows of one shard as parts of at most ``rows_per_part`` rows.
+
+    Use as a context manager; ``close()`` flushes the remainder. Each flush writes one part
+    atomically (temp name + ``os.replace``). Existing parts are never rewritten.
+
+    Args:
+        split_root: ``<output>/feature-cache/<split>``.
+        shard: shard index.
+        rows_per_part: rows per part file (upstream Rust: 256).
+        metadata: extra Parquet key-value metadata (frontend name, hash, config repr ...).
+    """
+
+    _counter = 0
+
+    def __init__(self, split_root: str | os.PathLike, shard: int, *, rows_per_part: int = 256, metadata: dict | None = None):
+        self.directory = shard_dir(split_root, shard)
+        self.rows_per_part = rows_per_part
+        self.metadata = {"storage_type": "sharded_parquet", "format_version": "SFCF32L1", **(metadata or {})}
+        self._pending: list[tuple[str, bytes | None, bool]] = []
+        self.parts_written: list[Path] = []
+
+    def add(self, key: str, features: np.ndarray) -> None:
+        """Queue ``features`` (float32 ``[frames, dims]``) under ``key``."""
+        self.add_payload(key, encode_payload(features))
+
+    def add_payload(self, key: str, payload: bytes) -> None:
+        """Queue an already encoded SFCF32L1 payload under ``key``."""
+        self._pending.append((key, payload, False))
+        if len(self._pending) >= self.rows_per_part:
+            self.flush()
+
+    def delete(self, key: str) -> None:
+        """Queue a tombstone for ``key`` (payload null, deleted true)."""
+        self._pending.append((key, None, True))
+        if len(self._pending) >= self.rows_per_part:
+            self.flush()
+
+    def flush(self) -> Path | None:
+        if not self._pending:
+            return None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        keys, payloads, deleted = zip(*self._pending)
+        table = pa.table({"key": list(keys), "payload": list(payloads), "deleted": list(deleted)}, schema=SCHEMA)
+        table = table.replace_schema_metadata({k: str(v) for k, v in self.metadata.items()})
+        ShardWriter._counter += 1
+        name = f"part_{os.getpid()}_{time.time_ns()}_{ShardWriter._counter:06d}.parquet"
+        tmp = self.directory / f".tmp-{name}.{os.getpid()}"
+        pq.write_table(table, tmp, compression="zstd", compression_level=1, use_dictionary=["key"])
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.directory / name)
+        self._pending.clear()
+        self.parts_written.append(self.directory / name)
+        return self.directory / name
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Flush what was computed even if the caller failed later: every row is complete.
+        self.close()
+
+
+class ShardedParquetFeatureCache:
+    """Reader of one split's feature cache, with upstream read semantics (spec §3.5).
+
+    The newest part (by ``(mtime_ns, name)``) that holds a key decides; within a part the last
+    row of the key wins; a tombstone (``deleted`` or null payload) means "absent". The per-shard
+    index is rebuilt whenever the shard's list of parts (name, mtime, size) changes.
+
+    Args:
+        split_root: ``<output>/feature-cache/<split>``.
+        num_shards: 64 unless the cache was written with another count.
+
+    Example::
+
+        cache = ShardedParquetFeatureCache("artifacts/feature-cache/train")
+        feats = cache.load("utt-1", frontend="squeezeformer")   # float32 [frames, 80] or None
+    """
+
+    def __init__(self, split_root: str | os.PathLike, num_shards: int = DEFAULT_NUM_SHARDS):
+        self.split_root = Path(split_root)
+        self.num_shards = num_shards
+        self._index: dict[int, tuple[tuple, dict[str, tuple[Path, int] | None]]] = {}
+        self._tables: OrderedDict[Path, pa.Table] = OrderedDict()
+
+    @staticmethod
+    def _frontend_hash(frontend) -> str:
+        if isinstance(frontend, str) and len(frontend) == 12 and all(c in "0123456789abcdef" for c in frontend):
+            return frontend
+        from .frontends import get_frontend
+
+        fe = get_frontend(frontend) if isinstance(frontend, str) else frontend
+        return fe.frontend_hash()
+
+    def key(self, utterance_id: str, frontend="squeezeformer") -> str:
+        """Cache key of an utterance for a frontend (name, Frontend object or hash12)."""
+        return cache_key(utterance_id, self._frontend_hash(frontend))
+
+    def shard_index_of(self, key: str) -> dict[str, tuple[Path, int] | None]:
+        """``{key: (part, row) | None}`` of the shard holding ``key`` (None = tombstone)."""
+        return self.shard_entries(shard_index(key, self.num_shards))
+
+    def shard_entries(self, shard: int) -> dict[str, tuple[Path, int] | None]:
+        """Live view of one shard: ``{key: (part path, row) or None for a tombstone}``."""
+        parts = list_parts(shard_dir(self.split_root, shard))
+        signature = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in parts)
+        cached = self._index.get(shard)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        entries: dict[str, tuple[Path, int] | None] = {}
+        for part in parts:  # oldest first: later rows override earlier ones
+            table = pq.read_table(part, columns=["key", "deleted"])
+            keys = table.column("key").to_pylist()
+            deleted = table.column("deleted").to_pylist()
+            for row, (key, dead) in enumerate(zip(keys, deleted)):
+                entries[key] = None if dead else (part, row)
+        self._index[shard] = (signature, entries)
+        return entries
+
+    def keys(self, shard: int) -> set[str]:
+        """Keys with live (non-tombstoned) features in a shard."""
+        return {k for k, v in self.shard_entries(shard).items() if v is not None}
+
+    def _payload(self, part: Path, row: int) -> bytes | None:
+        table = self._tables.get(part)
+        if table is None:
+            table = pq.read_table(part, columns=["payload"])
+            self._tables[part] = table
+            while len(self._tables) > 8:
+                self._tables.popitem(last=False)
+        else:
+            self._tables.move_to_end(part)
+        return table.column("payload")[row].as_py()
+
+    def load_key(self, key: str) -> np.ndarray | None:
+        """Features stored under a cache key, or None if absent or tombstoned."""
+        where = self.shard_index_of(key).get(key)
+        if where is None:
+            return None
+        payload = self._payload(*where)
+        return None if payload is None else decode_payload(payload)
+
+    def load(self, utterance_id: str, frontend="squeezeformer") -> np.ndarray | None:
+        """float32 ``[frames, dims]`` of an utterance for a frontend, or None if not cached.
+
+        Args:
+            utterance_id: the record's ``utterance_id``.
+            frontend: registry name (``"squeezeformer"``), a Frontend object, or its hash12.
+
+        Raises:
+            CacheCorruptError: the stored payload is not a valid SFCF32L1 payload.
+        """
+        return self.load_key(self.key(utterance_id, frontend))
+
+    def load_many(self, utterance_ids: Sequence[str], frontend="squeezeformer") -> list[np.ndarray | None]:
+        """:meth:`load` for several utterances (one frontend hash computation)."""
+        fh = self._frontend_hash(frontend)
+        return [self.load_key(cache_key(u, fh)) for u in utterance_ids]
+
+    def close(self) -> None:
+        """Drop cached tables and indexes."""
+        self._tables.clear()
+        self._index.clear()
+
+
+def iter_shard_rows(parts: Iterable[Path]):
+    """Yield ``(key, payload, deleted)`` of parts in order (for compaction and checks)."""
+    for part in parts:
+        table = pq.read_table(part)
+        yield from zip(table.column("key").to_pylist(), table.column("payload").to_pylist(), table.column("deleted").to_pylist())

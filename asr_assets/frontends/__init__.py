@@ -1,0 +1,203 @@
+"""Feature frontends of asr_assets: audio -> ``float32 (num_frames, feature_dim)`` features.
+
+Public entry points:
+    * :func:`get_frontend` - build a registered frontend by name, with config overrides.
+    * :func:`available_frontends` - registered names.
+    * :func:`compute_features` - one-call convenience: samples at any rate -> features.
+    * :func:`register_frontend` - add a user-defined frontend (function + keyed config dict).
+    * :class:`Frontend` - base class (cache key, frame counts, ``__call__``, ``batch``).
+
+Built-in frontends:
+    * ``squeezeformer`` / ``zipformer`` - HTK log-mel (:mod:`.logmel`, spec 4.2/4.3).
+    * ``w2v-bert`` - Kaldi fbank + stride-2 stacking (:mod:`.w2v_bert`, spec 4.4).
+    * ``ludwig-fbank``, ``ludwig-stft``, ``ludwig-stft_phase``, ``ludwig-group_delay``,
+      ``ludwig-raw`` - Ludwig audio feature types (:mod:`.ludwig`).
+
+This package imports only numpy and scipy (soxr lazily, through ``asr_assets.audio``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from asr_assets.errors import FeatureConfigError, UnknownFrontendError
+
+from .base import Frontend, py_float, render_config_repr
+from .custom import CustomFrontend
+from .logmel import SQUEEZEFORMER_CONFIG, ZIPFORMER_CONFIG, LogMelFrontend, make_logmel_config
+
+__all__ = [
+    "Frontend",
+    "CustomFrontend",
+    "available_frontends",
+    "compute_features",
+    "get_frontend",
+    "py_float",
+    "register_frontend",
+    "render_config_repr",
+]
+
+#: name -> factory(**overrides) -> Frontend
+_FACTORIES: dict[str, Callable[..., Frontend]] = {}
+
+
+def _register_factory(name: str, factory: Callable[..., Frontend], *, replace: bool = False) -> None:
+    if not isinstance(name, str) or not name:
+        raise FeatureConfigError(f"frontend name must be a non-empty str, got {name!r}")
+    if name in _FACTORIES and not replace:
+        raise FeatureConfigError(
+            f"frontend {name!r} is already registered; pass replace=True to redefine it"
+        )
+    _FACTORIES[name] = factory
+
+
+def available_frontends() -> list[str]:
+    """Return the registered frontend names, sorted."""
+    return sorted(_FACTORIES)
+
+
+def get_frontend(name: str, **overrides: Any) -> Frontend:
+    """Build a registered frontend.
+
+    Args:
+        name: registry name, one of :func:`available_frontends`.
+        **overrides: config fields to change, as the upstream CLI flags (e.g. ``n_fft=512``,
+            which also sets ``win_length`` unless given). They change the cache key.
+
+    Returns:
+        A new :class:`Frontend`.
+
+    Raises:
+        UnknownFrontendError: ``name`` is not registered (the message lists the available ones).
+        FeatureConfigError: unknown override key (the message lists the valid ones) or bad value.
+    """
+    try:
+        factory = _FACTORIES[name]
+    except (KeyError, TypeError):
+        raise UnknownFrontendError(
+            f"unknown frontend {name!r}; available frontends: {', '.join(available_frontends())}"
+        ) from None
+    return factory(**overrides)
+
+
+def compute_features(
+    samples: np.ndarray,
+    sample_rate: int,
+    frontend: str | Frontend = "squeezeformer",
+    **overrides: Any,
+) -> np.ndarray:
+    """Compute features of one utterance.
+
+    Args:
+        samples: ``float (num_samples,)`` mono or ``float (num_channels, num_samples)``, in
+            [-1, 1].
+        sample_rate: rate of ``samples`` in Hz (resampled with soxr when it differs from the
+            frontend's rate).
+        frontend: a registry name or a :class:`Frontend` instance.
+        **overrides: config overrides, only with a name.
+
+    Returns:
+        ``float32 (num_frames, feature_dim)``.
+    """
+    if isinstance(frontend, Frontend):
+        if overrides:
+            raise FeatureConfigError(
+                "overrides can only be given with a frontend name, not with a Frontend instance"
+            )
+        fe = frontend
+    else:
+        fe = get_frontend(frontend, **overrides)
+    return fe(samples, sample_rate)
+
+
+def register_frontend(
+    name: str,
+    fn: Callable[[np.ndarray], np.ndarray] | None = None,
+    config: dict[str, Any] | None = None,
+    feature_dim: int | None = None,
+    *,
+    sample_rate: int = 16000,
+    min_num_samples: int = 0,
+    frames_fn: Callable[[int], int] | None = None,
+    replace: bool = False,
+):
+    """Register a user-defined frontend (e.g. precomputed SSL features or tokens).
+
+    The cache key is derived from ``config`` exactly as for the built-in frontends:
+    ``sha256(repr({"featurizer": {"type": name, **config}}))[:12]``. Put every setting that
+    changes the output (model id, layer, revision, ...) in ``config`` and nothing runtime-only
+    (device, workers, paths).
+
+    Usable directly or as a decorator::
+
+        @register_frontend("hubert-l9", config={"model": "hubert-base", "layer": 9},
+                           feature_dim=768)
+        def hubert_l9(samples_16k):          # float32 (num_samples,) -> (num_frames, 768)
+            ...
+
+    Args:
+        name: registry name.
+        fn: ``fn(samples float32 (num_samples,) at sample_rate) -> array (num_frames, dim)``;
+            a module-level function so the frontend pickles. Omit to use as a decorator.
+        config: JSON-like dict (bool/int/float/str/None/list/dict) that identifies the output.
+        feature_dim: columns per frame; checked on every output when given.
+        sample_rate: rate in Hz ``fn`` expects; input at other rates is resampled.
+        min_num_samples: shortest valid input in samples at ``sample_rate``.
+        frames_fn: optional exact ``num_samples -> num_frames``.
+        replace: allow redefining an existing name.
+
+    Returns:
+        ``fn`` (so the decorator form leaves the function usable), or the decorator.
+    """
+    if config is None:
+        raise FeatureConfigError(f"register_frontend({name!r}) needs a config dict for its cache key")
+
+    def decorator(func: Callable[[np.ndarray], np.ndarray]):
+        proto = CustomFrontend(
+            name,
+            func,
+            dict(config),
+            feature_dim=feature_dim,
+            sample_rate=sample_rate,
+            min_num_samples=min_num_samples,
+            frames_fn=frames_fn,
+        )
+        proto.config_repr()  # validate the config is renderable now, not at first use
+
+        def factory(**overrides: Any) -> Frontend:
+            return proto.with_overrides(overrides)
+
+        _register_factory(name, factory, replace=replace)
+        return func
+
+    if fn is None:
+        return decorator
+    return decorator(fn)
+
+
+def _squeezeformer(**overrides: Any) -> Frontend:
+    return LogMelFrontend("squeezeformer", make_logmel_config(SQUEEZEFORMER_CONFIG, overrides))
+
+
+def _zipformer(**overrides: Any) -> Frontend:
+    return LogMelFrontend("zipformer", make_logmel_config(ZIPFORMER_CONFIG, overrides))
+
+
+_register_factory("squeezeformer", _squeezeformer)
+_register_factory("zipformer", _zipformer)
+
+try:  # optional modules are added as they land; the log-mel frontends never depend on them
+    from . import w2v_bert as _w2v_bert
+
+    _register_factory("w2v-bert", _w2v_bert.make_w2v_bert)
+except ImportError:  # pragma: no cover
+    pass
+try:
+    from . import ludwig as _ludwig
+
+    for _name, _factory in _ludwig.FACTORIES.items():
+        _register_factory(_name, _factory)
+except ImportError:  # pragma: no cover
+    pass

@@ -1,0 +1,408 @@
+"""Frontend base class, upstream-compatible config rendering and shared DSP helpers.
+
+Public entry points:
+    * :class:`Frontend` - the interface every feature frontend implements.
+    * :func:`py_float` - renders a float exactly as upstream Rust ``FrontendConfig::config_repr``.
+    * :func:`render_config_repr` - Python-``repr``-style rendering of a config dict.
+
+Cache keys (spec ``upstream-compat.md`` section 3.2) are
+``sha256(repr({"featurizer": config_dict}))[:12]``; the three upstream frontends keep that key
+byte for byte, and every other frontend derives its key through the same code path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from asr_assets.errors import FeatureConfigError
+
+#: Frames processed per FFT/GEMM block. ~2,000 frames keeps the working set a few MB, which
+#: avoids the page-fault storm of whole-array processing of long audio (performance notes).
+CHUNK_FRAMES = 2048
+
+#: float32 machine epsilon, used by the constant-column rule (see :func:`normalize_columns`).
+_EPS32 = float(np.finfo(np.float32).eps)
+
+#: A column whose peak-to-peak range is at most this many float32 ulps of its largest
+#: magnitude is treated as constant (see :func:`normalize_columns`).
+CONSTANT_COLUMN_ULPS = 8.0
+
+
+# --------------------------------------------------------------------------------------------
+# Config rendering (upstream Rust ``config_repr`` / ``py_float``)
+# --------------------------------------------------------------------------------------------
+
+
+def py_float(value: float) -> str:
+    """Render a float as upstream Rust ``py_float`` does.
+
+    Upstream formats the value as an **f32** with Rust ``{:?}`` (shortest string that round-trips
+    through f32; scientific notation below 1e-4 or from 1e16 on, e.g. ``1e-7``, ``1.5e16``) and
+    appends ``.0`` when the text has neither ``.`` nor ``e``.
+
+    Args:
+        value: any real number; it is rounded to float32 first, as upstream stores it.
+
+    Returns:
+        The rendered text, e.g. ``0.97 -> "0.97"``, ``0 -> "0.0"``, ``1e-7 -> "1e-7"``.
+    """
+    v = np.float32(value)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    a = abs(float(v))
+    if a == 0.0 or 1e-4 <= a < 1e16:
+        text = np.format_float_positional(v, unique=True, trim="-")
+    else:
+        sci = np.format_float_scientific(v, unique=True, trim="-")  # e.g. "1.5e-07", "1e+16"
+        mantissa, exponent = sci.split("e")
+        text = f"{mantissa}e{int(exponent)}"
+    if "." not in text and "e" not in text:
+        text += ".0"
+    return text
+
+
+def _render_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return py_float(float(value))
+    if isinstance(value, str):
+        # Upstream Rust hand-formats strings in single quotes and escapes ``'`` as ``\'``.
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if value is None:
+        return "None"
+    if isinstance(value, Mapping):
+        items = ", ".join(f"{_render_value(k)}: {_render_value(v)}" for k, v in value.items())
+        return "{" + items + "}"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(_render_value(v) for v in value)
+        if isinstance(value, tuple):
+            return "(" + inner + ("," if len(value) == 1 else "") + ")"
+        return "[" + inner + "]"
+    raise TypeError(
+        f"config value {value!r} of type {type(value).__name__} cannot be part of a cache key; "
+        "use bool, int, float, str, None, list, tuple or dict"
+    )
+
+
+def render_config_repr(config: Mapping[str, Any]) -> str:
+    """Render ``repr({"featurizer": config})`` the way upstream does.
+
+    Booleans print as ``True``/``False``, ints as Python ints, floats through :func:`py_float`
+    (f32 rendering), strings single-quoted; insertion order is kept.
+
+    Args:
+        config: the frontend's config dict, in its significant key order.
+
+    Returns:
+        The repr string hashed into the cache key.
+    """
+    return _render_value({"featurizer": config})
+
+
+def hash12(text: str) -> str:
+    """Return ``sha256(text.encode("utf-8")).hexdigest()[:12]`` (upstream ``frontend_hash``)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------
+# Base class
+# --------------------------------------------------------------------------------------------
+
+
+class Frontend:
+    """Base class of every feature frontend.
+
+    A frontend turns mono audio into a time-first feature matrix ``float32 (num_frames,
+    feature_dim)``. Subclasses implement :meth:`config_dict`, :meth:`num_frames` and
+    :meth:`batch`; the base class supplies the cache key, resampling, input checks and
+    :meth:`__call__`.
+
+    Frontend objects hold only plain config values (windows and filterbanks are cached at module
+    level), so they pickle cheaply for worker processes.
+
+    Attributes:
+        name: registry name (``"squeezeformer"``, ``"zipformer"``, ``"w2v-bert"``, ...).
+        feature_dim: number of feature columns per frame.
+        sample_rate: rate in Hz the frontend works at; other rates are resampled (soxr).
+        min_num_samples: smallest input, in samples at ``sample_rate``, that yields at least one
+            frame (0 if any length, even empty, does).
+    """
+
+    name: str = "frontend"
+    feature_dim: int = 0
+    sample_rate: int = 16000
+    min_num_samples: int = 0
+
+    # -- cache key ---------------------------------------------------------------------------
+    def config_dict(self) -> dict:
+        """Return the keyed config, in its significant (upstream) key order."""
+        raise NotImplementedError
+
+    def config_repr(self) -> str:
+        """Return ``repr({"featurizer": config_dict()})`` rendered as upstream (spec 3.2)."""
+        return render_config_repr(self.config_dict())
+
+    def frontend_hash(self) -> str:
+        """Return the 12-hex-digit frontend hash ``sha256(config_repr())[:12]``."""
+        return hash12(self.config_repr())
+
+    # -- frame counts ------------------------------------------------------------------------
+    def num_frames(self, num_samples_16k: int) -> int:
+        """Exact number of output rows for ``num_samples_16k`` samples at :attr:`sample_rate`."""
+        raise NotImplementedError
+
+    def estimate_num_frames(self, num_samples: int, sample_rate: int) -> int:
+        """Frame estimate from a sample count at any rate (spec 4.5); defaults to exact."""
+        if num_samples <= 0 or sample_rate <= 0:
+            return 0
+        return self.num_frames(effective_num_samples(num_samples, sample_rate, self.sample_rate))
+
+    # -- computation -------------------------------------------------------------------------
+    def batch(self, samples_16k: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Compute features for several utterances already at :attr:`sample_rate`.
+
+        Args:
+            samples_16k: mono utterances, each ``float32 (num_samples,)`` in [-1, 1] at
+                :attr:`sample_rate` Hz.
+
+        Returns:
+            One ``float32 (num_frames, feature_dim)`` array per utterance, in input order.
+        """
+        raise NotImplementedError
+
+    def __call__(self, samples: np.ndarray, sample_rate: int) -> np.ndarray:
+        """Compute features for one utterance at any sample rate.
+
+        Args:
+            samples: ``float (num_samples,)`` mono, or ``float (num_channels, num_samples)``
+                (channels are averaged, as upstream), amplitude in [-1, 1].
+            sample_rate: rate of ``samples`` in Hz; resampled with soxr to :attr:`sample_rate`
+                when different.
+
+        Returns:
+            ``float32 (num_frames, feature_dim)`` features.
+
+        Raises:
+            TypeError: ``samples`` is not a floating-point array.
+            FeatureConfigError: bad shape or rate, or fewer than :attr:`min_num_samples` samples
+                after resampling.
+        """
+        x = self.prepare(samples, sample_rate)
+        self.check_length(x.shape[0])
+        return self.batch([x])[0]
+
+    def prepare(self, samples: np.ndarray, sample_rate: int) -> np.ndarray:
+        """Down-mix to mono, cast to float32 and resample to :attr:`sample_rate`.
+
+        Args:
+            samples: ``float (num_samples,)`` or ``float (num_channels, num_samples)``.
+            sample_rate: rate of ``samples`` in Hz.
+
+        Returns:
+            ``float32 (num_samples_out,)`` at :attr:`sample_rate` Hz.
+        """
+        return to_mono_float32(samples, sample_rate, self.sample_rate)
+
+    def check_length(self, num_samples: int) -> None:
+        """Raise :class:`FeatureConfigError` if ``num_samples`` gives no frame."""
+        if num_samples < self.min_num_samples:
+            raise FeatureConfigError(
+                f"frontend {self.name!r} needs at least {self.min_num_samples} samples at "
+                f"{self.sample_rate} Hz to produce one frame, got {num_samples}; "
+                "skip or pad such utterances before computing features"
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, config={self.config_dict()!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            type(self) is type(other)
+            and self.name == other.name  # type: ignore[attr-defined]
+            and self.config_repr() == other.config_repr()  # type: ignore[attr-defined]
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.name, self.config_repr()))
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+def effective_num_samples(num_samples: int, sample_rate: int, target_rate: int) -> int:
+    """Sample count after resampling: ``max(1, ceil(n * target / sr))`` if rates differ.
+
+    This is the output length of ``asr_assets.audio.resample`` and of upstream rubato.
+    """
+    n = int(num_samples)
+    if sample_rate != target_rate:
+        n = max(1, -(-n * int(target_rate) // int(sample_rate)))
+    return n
+
+
+def to_mono_float32(samples: np.ndarray, sample_rate: int, target_rate: int) -> np.ndarray:
+    """Validate audio, average channels and resample to ``target_rate``.
+
+    Args:
+        samples: ``float (num_samples,)`` or ``float (num_channels, num_samples)`` in [-1, 1].
+        sample_rate: rate of ``samples`` in Hz (> 0).
+        target_rate: rate in Hz to return.
+
+    Returns:
+        ``float32 (num_samples_out,)``, C-contiguous.
+    """
+    x = np.asarray(samples)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(
+            f"samples must be a floating-point array in [-1, 1], got dtype {x.dtype}; "
+            "convert integer PCM first (e.g. int16 / 32768)"
+        )
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)):
+        raise TypeError(f"sample_rate must be an int (Hz), got {sample_rate!r}")
+    if sample_rate <= 0:
+        raise FeatureConfigError(f"sample_rate must be > 0 Hz, got {sample_rate!r}")
+    if x.ndim == 2:
+        x = x.mean(axis=0, dtype=np.float64)
+    elif x.ndim != 1:
+        raise FeatureConfigError(
+            f"samples must be 1-D (num_samples,) or 2-D (num_channels, num_samples), "
+            f"got shape {x.shape!r}"
+        )
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if sample_rate != target_rate and x.shape[0] > 0:
+        from asr_assets.audio import resample  # lazy: audio.py pulls in decoders
+
+        x = np.ascontiguousarray(resample(x, int(sample_rate), int(target_rate)), dtype=np.float32)
+    return x
+
+
+def frame_chunks(lengths: Sequence[int], chunk: int = CHUNK_FRAMES):
+    """Split frames of several utterances into blocks of at most ``chunk`` frames.
+
+    Args:
+        lengths: number of frames of each utterance.
+        chunk: frames per block.
+
+    Yields:
+        Lists of ``(utterance_index, first_frame, num_frames, row_in_block)`` segments whose
+        ``num_frames`` add up to at most ``chunk``.
+    """
+    block: list[tuple[int, int, int, int]] = []
+    fill = 0
+    for index, total in enumerate(lengths):
+        start = 0
+        while start < total:
+            take = min(total - start, chunk - fill)
+            block.append((index, start, take, fill))
+            fill += take
+            start += take
+            if fill == chunk:
+                yield block
+                block, fill = [], 0
+    if block:
+        yield block
+
+
+def power_mel(spec: np.ndarray, fbank_interleaved: np.ndarray) -> np.ndarray:
+    """Mel energies from a complex spectrum with one GEMM.
+
+    ``|X|^2 @ fb`` equals ``[re^2, im^2 interleaved] @ repeat(fb, 2, axis=0)``, so squaring the
+    float32 view of the complex64 spectrum feeds the GEMM directly with no strided add.
+
+    Args:
+        spec: ``complex64 (num_frames, num_bins)`` spectrum.
+        fbank_interleaved: ``float32 (2 * num_bins, num_mels)`` filterbank with each row doubled.
+
+    Returns:
+        ``float32 (num_frames, num_mels)`` mel power (linear units, signal units squared).
+    """
+    sq = spec.view(np.float32)
+    np.square(sq, out=sq)
+    return sq @ fbank_interleaved
+
+
+def normalize_columns(
+    features: np.ndarray,
+    *,
+    ddof: int,
+    std_floor: float = 0.0,
+    var_offset: float = 0.0,
+    axis: int = 0,
+) -> np.ndarray:
+    """Standardize each column (``axis=0``) or row (``axis=1``) in place.
+
+    Computes ``(x - mean) / max(sqrt(var_ddof + var_offset), std_floor)`` with float64
+    statistics (torchaudio/HF conventions: squeezeformer uses ``ddof=0, std_floor=1e-5``,
+    w2v-bert ``ddof=1, var_offset=1e-7``). When fewer than ``ddof + 1`` values exist the
+    variance is taken as 0 (upstream Rust divisor 1; HF would give NaN).
+
+    Constant-column rule: a column whose peak-to-peak range is at most
+    :data:`CONSTANT_COLUMN_ULPS` float32 ulps of its largest magnitude
+    (``ptp <= 8 * eps32 * max|x|``) is set to exactly 0. Such columns are constant up to
+    float32 rounding (e.g. mel bands above 4 kHz of 8 kHz audio upsampled to 16 kHz, all at the
+    log floor); torch normalizes an exactly constant column to 0, and without this rule the
+    rounding noise would be divided by the tiny std floor and amplified.
+
+    Args:
+        features: ``float32 (num_frames, num_features)``, modified in place.
+        ddof: delta degrees of freedom of the variance.
+        std_floor: lower clamp of the standard deviation.
+        var_offset: constant added to the variance before the square root.
+        axis: 0 normalizes each column over time, 1 each row over features.
+
+    Returns:
+        ``features`` (the same array), normalized.
+    """
+    if features.size == 0:
+        return features
+    x64 = features.astype(np.float64)
+    n = x64.shape[axis]
+    mean = x64.mean(axis=axis, keepdims=True)
+    dev = x64 - mean
+    if n - ddof > 0:
+        var = np.einsum("ij,ij->j" if axis == 0 else "ij,ij->i", dev, dev) / (n - ddof)
+        var = np.expand_dims(var, axis)
+    else:
+        var = np.zeros_like(mean)
+    std = np.maximum(np.sqrt(var + var_offset), std_floor)
+    ptp = x64.max(axis=axis, keepdims=True) - x64.min(axis=axis, keepdims=True)
+    mag = np.abs(x64).max(axis=axis, keepdims=True)
+    constant = ptp <= CONSTANT_COLUMN_ULPS * _EPS32 * mag
+    scale = np.where(constant, 0.0, 1.0 / std)
+    features[...] = dev * scale
+    return features
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """Return ``value`` as int if it is a positive integer, else raise FeatureConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise FeatureConfigError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a bool, else raise FeatureConfigError."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise FeatureConfigError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_float(name: str, value: Any, *, low: float | None = None, high: float | None = None) -> float:
+    """Return ``value`` as float if it is a finite real in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise FeatureConfigError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
+        raise FeatureConfigError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
+    return v

@@ -1,0 +1,314 @@
+"""HTK log-mel frontends ``squeezeformer`` and ``zipformer`` (spec sections 4.2, 4.3).
+
+Public entry points:
+    * :class:`LogMelConfig` - the keyed config, fields in upstream ``config_dict`` order.
+    * :class:`LogMelFrontend` - the frontend (registered as ``squeezeformer`` and ``zipformer``).
+    * :func:`compute_logmel` - pure function, one utterance.
+    * :func:`htk_mel_filterbank` - torchaudio ``melscale_fbanks(norm=None, mel_scale="htk")``.
+
+The algorithm restates upstream ``AudioFeaturizer.forward`` (squeezeformer_pytorch
+``frontend.py``), which wraps torchaudio ``MelSpectrogram`` with its defaults: centred STFT with
+reflect padding, periodic Hann window, power 2, HTK mel scale, no filter normalization; then
+``log(max(mel, 1e-5))`` and optional per-column standardization. Everything runs in float32
+with one ``scipy.fft.rfft`` and one mel GEMM per block of :data:`~.base.CHUNK_FRAMES` frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import numpy as np
+import scipy.fft
+
+from asr_assets.errors import FeatureConfigError
+
+from .base import (
+    CHUNK_FRAMES,
+    Frontend,
+    check_bool,
+    check_float,
+    check_positive_int,
+    frame_chunks,
+    normalize_columns,
+    power_mel,
+)
+
+#: Floor applied to mel power before the natural log (upstream ``clamp_min(1e-5)``).
+LOG_FLOOR = 1e-5
+#: Lower clamp of the per-column standard deviation (upstream ``clamp_min(1e-5)``).
+STD_FLOOR = 1e-5
+#: Lower clamp of ``max|x|`` in signal normalization (upstream ``clamp_min(1e-6)``).
+PEAK_FLOOR = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class LogMelConfig:
+    """Keyed settings of an HTK log-mel frontend (upstream ``AudioFeaturizer``).
+
+    Field order is the upstream ``config_dict`` order and therefore part of the cache key.
+
+    Attributes:
+        sample_rate: working rate in Hz. (Default: 16000)
+        n_fft: FFT size and frame length in samples. (Default: 400)
+        win_length: Hann window length in samples, ``<= n_fft``, centred in the frame.
+            (Default: ``n_fft``)
+        n_mels: number of HTK mel bands, 0 Hz to ``sample_rate / 2``. (Default: 80)
+        backend: always ``"torchaudio"`` (the algorithm reproduced; kept for the key).
+        preemphasis: coefficient of ``y[n] = x[n] - c * x[n-1]`` on the whole waveform,
+            skipped when 0. (Default: 0.97)
+        normalize_signal: remove the mean, then divide by ``max(max|x|, 1e-6)``. (Default: True)
+        normalize_feature: standardize each mel column over time (biased std, floor 1e-5).
+            (Default: True)
+        normalize_per_frame: with ``normalize_feature``, standardize each frame over the mel
+            axis instead of each column over time. (Default: False)
+        hop_length: frame shift in samples. (Default: 160)
+    """
+
+    sample_rate: int = 16000
+    n_fft: int = 400
+    win_length: int = 400
+    n_mels: int = 80
+    backend: str = "torchaudio"
+    preemphasis: float = 0.97
+    normalize_signal: bool = True
+    normalize_feature: bool = True
+    normalize_per_frame: bool = False
+    hop_length: int = 160
+
+    def __post_init__(self) -> None:
+        for name in ("sample_rate", "n_fft", "win_length", "n_mels", "hop_length"):
+            object.__setattr__(self, name, check_positive_int(name, getattr(self, name)))
+        for name in ("normalize_signal", "normalize_feature", "normalize_per_frame"):
+            object.__setattr__(self, name, check_bool(name, getattr(self, name)))
+        object.__setattr__(
+            self, "preemphasis", check_float("preemphasis", self.preemphasis, low=0.0, high=1.0)
+        )
+        if self.backend != "torchaudio":
+            raise FeatureConfigError(
+                f"backend must be 'torchaudio' (the algorithm reproduced), got {self.backend!r}"
+            )
+        if self.win_length > self.n_fft:
+            raise FeatureConfigError(
+                f"win_length must be <= n_fft, got win_length={self.win_length}, n_fft={self.n_fft}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config as a dict in upstream key order."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+#: ``AudioFeaturizer()`` defaults (spec 4.2), hash ``0a48384efcf3``.
+SQUEEZEFORMER_CONFIG = LogMelConfig()
+#: ``zipformer_paper_featurizer_config()`` (spec 4.3), hash ``4d9c4bc8f09a``.
+ZIPFORMER_CONFIG = LogMelConfig(
+    preemphasis=0.0, normalize_signal=False, normalize_feature=False, normalize_per_frame=False
+)
+
+
+def make_logmel_config(base: LogMelConfig, overrides: dict[str, Any]) -> LogMelConfig:
+    """Apply CLI-style overrides to ``base``.
+
+    As upstream ``--n-fft``, overriding ``n_fft`` also sets ``win_length`` unless
+    ``win_length`` is given too.
+
+    Raises:
+        FeatureConfigError: unknown key or invalid value.
+    """
+    valid = [f.name for f in dataclasses.fields(LogMelConfig)]
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise FeatureConfigError(
+            f"unknown override(s) {unknown!r} for an HTK log-mel frontend; valid keys: {valid}"
+        )
+    values = dict(overrides)
+    if "n_fft" in values and "win_length" not in values:
+        values["win_length"] = values["n_fft"]
+    return dataclasses.replace(base, **values)
+
+
+# --------------------------------------------------------------------------------------------
+# Cached DSP tables (module level so frontends stay small to pickle)
+# --------------------------------------------------------------------------------------------
+
+
+def _hz_to_mel_htk(freq: np.ndarray | float) -> np.ndarray:
+    return 2595.0 * np.log10(1.0 + np.asarray(freq, dtype=np.float64) / 700.0)
+
+
+def _mel_to_hz_htk(mel: np.ndarray) -> np.ndarray:
+    return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
+
+
+def htk_mel_filterbank(n_freqs: int, n_mels: int, sample_rate: int) -> np.ndarray:
+    """HTK triangular mel filterbank, torchaudio ``melscale_fbanks`` with ``norm=None``.
+
+    ``n_mels + 2`` points equally spaced on ``2595 * log10(1 + f / 700)`` from 0 Hz to
+    ``sample_rate / 2``; triangles are built in Hz against bin frequencies
+    ``linspace(0, sample_rate // 2, n_freqs)``.
+
+    Args:
+        n_freqs: number of one-sided FFT bins (``n_fft // 2 + 1``).
+        n_mels: number of bands.
+        sample_rate: rate in Hz.
+
+    Returns:
+        ``float64 (n_freqs, n_mels)`` weights in [0, 1].
+    """
+    all_freqs = np.linspace(0.0, sample_rate // 2, n_freqs)
+    m_pts = np.linspace(_hz_to_mel_htk(0.0), _hz_to_mel_htk(sample_rate / 2.0), n_mels + 2)
+    f_pts = _mel_to_hz_htk(m_pts)
+    f_diff = np.diff(f_pts)
+    slopes = f_pts[None, :] - all_freqs[:, None]
+    down = -slopes[:, :-2] / f_diff[:-1]
+    up = slopes[:, 2:] / f_diff[1:]
+    return np.maximum(0.0, np.minimum(down, up))
+
+
+@functools.lru_cache(maxsize=16)
+def _tables(n_fft: int, win_length: int, n_mels: int, sample_rate: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(window float32 (n_fft,), filterbank float32 (2*(n_fft//2+1), n_mels))``."""
+    n = np.arange(win_length, dtype=np.float64)
+    hann = 0.5 - 0.5 * np.cos(2.0 * np.pi * n / win_length)  # periodic (torch.hann_window)
+    window = np.zeros(n_fft, dtype=np.float64)
+    left = (n_fft - win_length) // 2
+    window[left : left + win_length] = hann
+    fb = htk_mel_filterbank(n_fft // 2 + 1, n_mels, sample_rate)
+    fb2 = np.repeat(fb, 2, axis=0).astype(np.float32)
+    window.setflags(write=False)
+    fb2.setflags(write=False)
+    return window.astype(np.float32), fb2
+
+
+# --------------------------------------------------------------------------------------------
+# Computation
+# --------------------------------------------------------------------------------------------
+
+
+def _num_frames(cfg: LogMelConfig, num_samples: int) -> int:
+    padded = max(num_samples, cfg.n_fft, cfg.win_length) + 2 * (cfg.n_fft // 2)
+    return 1 + (padded - cfg.n_fft) // cfg.hop_length
+
+
+def _prepare_signal(x: np.ndarray, cfg: LogMelConfig) -> np.ndarray:
+    """Signal normalization, pre-emphasis, right zero-pad, centre reflect-pad (float32)."""
+    x = np.asarray(x, dtype=np.float32)
+    if cfg.normalize_signal and x.size:
+        x = x - np.float32(x.mean(dtype=np.float64))
+        peak = max(float(np.abs(x).max()), PEAK_FLOOR)
+        x = x / np.float32(peak)
+    if cfg.preemphasis > 0 and x.size > 1:
+        y = np.empty_like(x)
+        y[0] = x[0]
+        np.multiply(x[:-1], np.float32(cfg.preemphasis), out=y[1:])
+        np.subtract(x[1:], y[1:], out=y[1:])
+        x = y
+    required = max(cfg.n_fft, cfg.win_length)
+    if x.shape[0] < required:
+        x = np.concatenate([x, np.zeros(required - x.shape[0], dtype=np.float32)])
+    pad = cfg.n_fft // 2
+    return np.pad(x, (pad, pad), mode="reflect")
+
+
+def logmel_batch(signals: Sequence[np.ndarray], cfg: LogMelConfig) -> list[np.ndarray]:
+    """Compute HTK log-mel features for several utterances at ``cfg.sample_rate``.
+
+    Frames of all utterances are packed into blocks of :data:`CHUNK_FRAMES`, each transformed by
+    one ``scipy.fft.rfft`` (workers=1) and one mel GEMM.
+
+    Args:
+        signals: mono utterances, each ``float32 (num_samples,)`` in [-1, 1].
+        cfg: frontend settings.
+
+    Returns:
+        One ``float32 (num_frames, n_mels)`` array per utterance, natural-log mel power,
+        standardized per column when ``cfg.normalize_feature``.
+    """
+    window, fb2 = _tables(cfg.n_fft, cfg.win_length, cfg.n_mels, cfg.sample_rate)
+    padded = [_prepare_signal(x, cfg) for x in signals]
+    counts = [_num_frames(cfg, np.asarray(x).shape[0]) for x in signals]
+    views = [
+        np.lib.stride_tricks.sliding_window_view(p, cfg.n_fft)[:: cfg.hop_length][:c]
+        for p, c in zip(padded, counts)
+    ]
+    outs = [np.empty((c, cfg.n_mels), dtype=np.float32) for c in counts]
+    buf = np.empty((min(CHUNK_FRAMES, max(sum(counts), 1)), cfg.n_fft), dtype=np.float32)
+    for block in frame_chunks(counts, CHUNK_FRAMES):
+        rows = block[-1][3] + block[-1][2]
+        for idx, start, take, row in block:
+            np.multiply(views[idx][start : start + take], window, out=buf[row : row + take])
+        spec = scipy.fft.rfft(buf[:rows], axis=1, workers=1)
+        mel = power_mel(spec, fb2)
+        np.maximum(mel, np.float32(LOG_FLOOR), out=mel)
+        np.log(mel, out=mel)
+        for idx, start, take, row in block:
+            outs[idx][start : start + take] = mel[row : row + take]
+    if cfg.normalize_feature:
+        axis = 1 if cfg.normalize_per_frame else 0
+        for out in outs:
+            normalize_columns(out, ddof=0, std_floor=STD_FLOOR, axis=axis)
+    return outs
+
+
+def compute_logmel(samples: np.ndarray, cfg: LogMelConfig = SQUEEZEFORMER_CONFIG) -> np.ndarray:
+    """Compute HTK log-mel features of one utterance (pure function).
+
+    Args:
+        samples: ``float32 (num_samples,)`` mono in [-1, 1] at ``cfg.sample_rate`` Hz.
+        cfg: frontend settings.
+
+    Returns:
+        ``float32 (num_frames, n_mels)`` with
+        ``num_frames = max(num_samples, n_fft) // hop_length + 1`` (even ``n_fft``).
+    """
+    return logmel_batch([samples], cfg)[0]
+
+
+class LogMelFrontend(Frontend):
+    """HTK log-mel frontend: torchaudio ``MelSpectrogram`` (HTK mel, norm=None, centre, reflect,
+    power 2) + ``log(max(., 1e-5))`` + optional standardization (upstream ``AudioFeaturizer``).
+
+    Output: ``float32 (num_frames, n_mels)``, natural log of mel power (audio normalized to
+    peak 1 when ``normalize_signal``), standardized per mel column over the utterance when
+    ``normalize_feature`` (so chunked input gives different values than the whole clip).
+
+    Args:
+        name: registry name.
+        config: keyed settings.
+    """
+
+    def __init__(self, name: str, config: LogMelConfig):
+        self.name = name
+        self.config = config
+        self.feature_dim = config.n_mels
+        self.sample_rate = config.sample_rate
+        self.min_num_samples = 1
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def num_frames(self, num_samples_16k: int) -> int:
+        """Exact rows: ``1 + (max(n, n_fft, win_length) + 2*(n_fft//2) - n_fft) // hop``."""
+        if num_samples_16k <= 0:
+            return 0
+        return _num_frames(self.config, int(num_samples_16k))
+
+    def estimate_num_frames(self, num_samples: int, sample_rate: int) -> int:
+        """Upstream ``estimate_num_feature_frames`` (spec 4.5): exact for even ``n_fft``.
+
+        ``eff = max(1, ceil(n * sr_target / sr))`` when rates differ, then
+        ``max(1, max(eff, n_fft, win_length) // hop + 1)``; 0 for ``n <= 0``.
+        """
+        from .base import effective_num_samples
+
+        if num_samples <= 0 or sample_rate <= 0:
+            return 0
+        eff = effective_num_samples(num_samples, sample_rate, self.sample_rate)
+        cfg = self.config
+        return max(1, max(eff, cfg.n_fft, cfg.win_length) // cfg.hop_length + 1)
+
+    def batch(self, samples_16k: Sequence[np.ndarray]) -> list[np.ndarray]:
+        for x in samples_16k:
+            self.check_length(np.asarray(x).shape[0])
+        return logmel_batch(samples_16k, self.config)

@@ -1,0 +1,289 @@
+"""``w2v-bert`` frontend: Kaldi-style fbank, per-bin normalization, stride-2 stacking (spec 4.4).
+
+Public entry points:
+    * :class:`W2VBertConfig` - the keyed config, fields in upstream order.
+    * :class:`W2VBertFrontend` - the frontend (registered as ``w2v-bert``).
+    * :func:`make_w2v_bert` - registry factory taking CLI-style overrides.
+    * :func:`kaldi_mel_filterbank` - HF ``mel_filter_bank(mel_scale="kaldi",
+      triangularize_in_mel_space=True, norm=None)``.
+
+Algorithm: HF ``SeamlessM4TFeatureExtractor`` (``feature_extraction_seamless_m4t.py`` with
+``audio_utils.spectrogram``), as restated by upstream Rust ``dsp.rs::compute_w2v_bert_features``:
+scale by 2**15, snip-edges framing (400 samples, hop 160), per-frame DC removal, per-frame
+pre-emphasis 0.97, symmetric Povey window, 512-point FFT, power, 80 Kaldi mel bands
+(20-8000 Hz), ``ln(max(., float32 eps))``, per-bin ``(x - mean) / sqrt(var_ddof1 + 1e-7)``,
+pad to an even frame count with ``padding_value`` and stack frame pairs into 160 columns.
+
+Implementation notes (float32, batched): per-frame DC removal and pre-emphasis are linear, so a
+frame equals ``w * (g[s:s+400] - 0.03 * mean(x[s:s+400]))`` where ``g`` is the pre-emphasis of
+the whole signal, except sample 0 which is ``0.03 * x[s]``; this avoids a per-frame loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import numpy as np
+import scipy.fft
+
+from asr_assets.errors import FeatureConfigError
+
+from .base import (
+    CHUNK_FRAMES,
+    Frontend,
+    check_float,
+    check_positive_int,
+    effective_num_samples,
+    frame_chunks,
+    normalize_columns,
+    power_mel,
+)
+
+FRAME_LENGTH = 400  #: samples per frame (25 ms at 16 kHz)
+HOP_LENGTH = 160  #: frame shift in samples (10 ms)
+FFT_LENGTH = 512  #: FFT size; 257 one-sided bins
+PREEMPHASIS = 0.97
+MEL_FLOOR = 1.192092955078125e-07  #: float32 eps, HF ``mel_floor``
+VAR_OFFSET = 1e-7  #: added to the unbiased variance before the square root
+INT16_SCALE = 32768.0  #: "Kaldi int16 compliance" scaling of [-1, 1] audio
+MIN_FREQUENCY = 20.0
+DEFAULT_MODEL_SOURCE = "facebook/w2v-bert-2.0"
+
+
+@dataclasses.dataclass(frozen=True)
+class W2VBertConfig:
+    """Keyed settings of the w2v-bert frontend (upstream ``RustW2VBertFeatureExtractor``).
+
+    Field order is the upstream ``config_dict`` order and part of the cache key.
+
+    Attributes:
+        type: always ``"w2v_bert"``.
+        model_source: model id or path; only part of the key. (Default: facebook/w2v-bert-2.0)
+        sample_rate: working rate in Hz. (Default: 16000)
+        feature_size: number of Kaldi mel bands. (Default: 80)
+        stride: frames stacked per output row. (Default: 2)
+        feature_dim: output columns, always ``feature_size * stride``. (Default: 160)
+        padding_value: value of the frames appended to reach a multiple of ``stride``.
+            (Default: 1.0, as ``facebook/w2v-bert-2.0``'s preprocessor config)
+    """
+
+    type: str = "w2v_bert"
+    model_source: str = DEFAULT_MODEL_SOURCE
+    sample_rate: int = 16000
+    feature_size: int = 80
+    stride: int = 2
+    feature_dim: int = 160
+    padding_value: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.type != "w2v_bert":
+            raise FeatureConfigError(f"type must be 'w2v_bert', got {self.type!r}")
+        if not isinstance(self.model_source, str) or not self.model_source:
+            raise FeatureConfigError(f"model_source must be a non-empty str, got {self.model_source!r}")
+        for name in ("sample_rate", "feature_size", "stride", "feature_dim"):
+            object.__setattr__(self, name, check_positive_int(name, getattr(self, name)))
+        object.__setattr__(self, "padding_value", check_float("padding_value", self.padding_value))
+        if self.feature_dim != self.feature_size * self.stride:
+            raise FeatureConfigError(
+                f"feature_dim must equal feature_size * stride = {self.feature_size * self.stride}, "
+                f"got {self.feature_dim}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config as a dict in upstream key order."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+#: Accepted override keys; ``n_mels`` is an alias of ``feature_size`` (upstream CLI).
+_OVERRIDE_KEYS = ("model_source", "sample_rate", "feature_size", "n_mels", "stride", "padding_value")
+
+
+def make_w2v_bert(**overrides: Any) -> "W2VBertFrontend":
+    """Registry factory: ``W2VBertFrontend`` with CLI-style overrides.
+
+    ``feature_dim`` follows ``feature_size * stride``; ``n_mels`` overrides ``feature_size``
+    (upstream ``--n-mels`` does).
+
+    Raises:
+        FeatureConfigError: unknown key (the valid ones are listed) or invalid value.
+    """
+    unknown = sorted(set(overrides) - set(_OVERRIDE_KEYS))
+    if unknown:
+        raise FeatureConfigError(
+            f"unknown override(s) {unknown!r} for frontend 'w2v-bert'; valid keys: {list(_OVERRIDE_KEYS)}"
+        )
+    values = dict(overrides)
+    if "n_mels" in values:
+        values["feature_size"] = values.pop("n_mels")
+    size = values.get("feature_size", 80)
+    stride = values.get("stride", 2)
+    if isinstance(size, int) and isinstance(stride, int):
+        values["feature_dim"] = size * stride
+    return W2VBertFrontend(W2VBertConfig(**values))
+
+
+def _hz_to_mel_kaldi(freq: np.ndarray | float) -> np.ndarray:
+    return 1127.0 * np.log(1.0 + np.asarray(freq, dtype=np.float64) / 700.0)
+
+
+def _mel_to_hz_kaldi(mel: np.ndarray) -> np.ndarray:
+    return 700.0 * (np.exp(np.asarray(mel, dtype=np.float64) / 1127.0) - 1.0)
+
+
+def kaldi_mel_filterbank(num_bins: int, num_mels: int, sample_rate: int, f_min: float = MIN_FREQUENCY) -> np.ndarray:
+    """Kaldi mel filterbank triangularized in mel space (HF ``mel_filter_bank`` kaldi, norm=None).
+
+    ``num_mels + 2`` points equally spaced on ``1127 * ln(1 + f / 700)`` from ``f_min`` to
+    ``sample_rate // 2``; the FFT bin centres ``k * sample_rate / (2 * (num_bins - 1))`` are mapped
+    to mel and the triangles are built between mel points.
+
+    Args:
+        num_bins: one-sided FFT bins (257 for a 512-point FFT).
+        num_mels: number of bands.
+        sample_rate: rate in Hz.
+        f_min: lowest band edge in Hz.
+
+    Returns:
+        ``float64 (num_bins, num_mels)`` weights in [0, 1].
+    """
+    mel_pts = np.linspace(_hz_to_mel_kaldi(f_min), _hz_to_mel_kaldi(sample_rate // 2), num_mels + 2)
+    bin_width = sample_rate / ((num_bins - 1) * 2)
+    fft_mels = _hz_to_mel_kaldi(bin_width * np.arange(num_bins))
+    diff = np.diff(mel_pts)
+    slopes = mel_pts[None, :] - fft_mels[:, None]
+    down = -slopes[:, :-2] / diff[:-1]
+    up = slopes[:, 2:] / diff[1:]
+    return np.maximum(0.0, np.minimum(down, up))
+
+
+@functools.lru_cache(maxsize=8)
+def _tables(num_mels: int, sample_rate: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(povey window float32 (400,), filterbank float32 (2*257, num_mels))``."""
+    n = np.arange(FRAME_LENGTH, dtype=np.float64)
+    povey = (0.5 - 0.5 * np.cos(2.0 * np.pi * n / (FRAME_LENGTH - 1))) ** 0.85  # symmetric
+    fb = kaldi_mel_filterbank(FFT_LENGTH // 2 + 1, num_mels, sample_rate)
+    fb2 = np.repeat(fb, 2, axis=0).astype(np.float32)
+    return povey.astype(np.float32), fb2
+
+
+def num_fbank_frames(num_samples: int) -> int:
+    """Snip-edges frame count ``1 + (n - 400) // 160`` for ``n >= 400``, else 0."""
+    return 0 if num_samples < FRAME_LENGTH else 1 + (num_samples - FRAME_LENGTH) // HOP_LENGTH
+
+
+def fbank_batch(signals: Sequence[np.ndarray], num_mels: int = 80, sample_rate: int = 16000) -> list[np.ndarray]:
+    """Kaldi-style log-mel fbank (before normalization) for several utterances.
+
+    Args:
+        signals: ``float32 (num_samples,)`` mono utterances in [-1, 1].
+        num_mels: bands.
+        sample_rate: rate in Hz.
+
+    Returns:
+        One ``float32 (num_frames, num_mels)`` natural-log mel power (int16-scaled audio)
+        per utterance; ``num_frames = num_fbank_frames(num_samples)``.
+    """
+    window, fb2 = _tables(num_mels, sample_rate)
+    counts = [num_fbank_frames(np.asarray(x).shape[0]) for x in signals]
+    outs = [np.empty((c, num_mels), dtype=np.float32) for c in counts]
+    pre: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = []
+    for x, c in zip(signals, counts):
+        if c == 0:
+            pre.append(None)
+            continue
+        x = np.asarray(x, dtype=np.float32) * np.float32(INT16_SCALE)
+        g = np.empty_like(x)  # whole-signal pre-emphasis
+        g[0] = x[0]
+        np.multiply(x[:-1], np.float32(PREEMPHASIS), out=g[1:])
+        np.subtract(x[1:], g[1:], out=g[1:])
+        starts = np.arange(c) * HOP_LENGTH
+        csum = np.concatenate([[0.0], np.cumsum(x, dtype=np.float64)])
+        means = (csum[starts + FRAME_LENGTH] - csum[starts]) / FRAME_LENGTH
+        offset = ((1.0 - PREEMPHASIS) * means).astype(np.float32)  # pre-emphasis of the DC
+        first = (1.0 - PREEMPHASIS) * x[starts]  # buf[0] *= (1 - 0.97), before DC removal
+        view = np.lib.stride_tricks.sliding_window_view(g, FRAME_LENGTH)[::HOP_LENGTH][:c]
+        pre.append((view, offset, first.astype(np.float32)))
+    buf = np.zeros((min(CHUNK_FRAMES, max(sum(counts), 1)), FFT_LENGTH), dtype=np.float32)
+    frame = buf[:, :FRAME_LENGTH]
+    for block in frame_chunks(counts, CHUNK_FRAMES):
+        rows = block[-1][3] + block[-1][2]
+        for idx, start, take, row in block:
+            view, offset, first = pre[idx]  # type: ignore[misc]
+            dst = frame[row : row + take]
+            np.subtract(view[start : start + take], offset[start : start + take, None], out=dst)
+            dst[:, 0] = first[start : start + take] - offset[start : start + take]
+            dst *= window
+        spec = scipy.fft.rfft(buf[:rows], axis=1, workers=1)
+        mel = power_mel(spec, fb2)
+        np.maximum(mel, np.float32(MEL_FLOOR), out=mel)
+        np.log(mel, out=mel)
+        for idx, start, take, row in block:
+            outs[idx][start : start + take] = mel[row : row + take]
+    return outs
+
+
+def _normalize_and_stack(feat: np.ndarray, cfg: W2VBertConfig) -> np.ndarray:
+    """Per-bin normalization (ddof 1, +1e-7), pad to a multiple of ``stride``, stack."""
+    normalize_columns(feat, ddof=1, var_offset=VAR_OFFSET)
+    frames = feat.shape[0]
+    rem = frames % cfg.stride
+    if rem:
+        pad = np.full((cfg.stride - rem, feat.shape[1]), cfg.padding_value, dtype=np.float32)
+        feat = np.concatenate([feat, pad])
+    return feat.reshape(-1, cfg.feature_dim)
+
+
+class W2VBertFrontend(Frontend):
+    """w2v-bert frontend (HF ``SeamlessM4TFeatureExtractor(padding_value=1.0)``, Kaldi fbank).
+
+    Output: ``float32 (ceil(num_frames / stride), feature_size * stride)``; row ``j`` is frames
+    ``2j`` and ``2j+1`` (each 80 standardized natural-log mel energies) side by side; the
+    padding frame, if any, holds ``padding_value``. Normalization is per utterance, so chunked
+    input gives different values than the whole clip.
+
+    Edge cases follow upstream Rust: inputs shorter than 400 samples give 0 rows from
+    :meth:`batch` (and :meth:`__call__` raises :class:`FeatureConfigError`); a single frame
+    normalizes to zeros (HF gives NaN).
+
+    Args:
+        config: keyed settings.
+    """
+
+    name = "w2v-bert"
+    min_num_samples = FRAME_LENGTH
+
+    def __init__(self, config: W2VBertConfig = W2VBertConfig()):
+        self.config = config
+        self.feature_dim = config.feature_dim
+        self.sample_rate = config.sample_rate
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def num_frames(self, num_samples_16k: int) -> int:
+        """Exact rows: ``ceil((1 + (n - 400) // 160) / stride)`` for ``n >= 400``, else 0."""
+        return -(-num_fbank_frames(int(num_samples_16k)) // self.config.stride)
+
+    def estimate_num_frames(self, num_samples: int, sample_rate: int) -> int:
+        """Upstream estimate (spec 4.5): ``max(1, ceil(eff / (160 * stride)))``, 0 for n <= 0.
+
+        An approximation: 1 s gives 50 where the exact count is 49.
+        """
+        if num_samples <= 0 or sample_rate <= 0:
+            return 0
+        eff = effective_num_samples(num_samples, sample_rate, self.sample_rate)
+        return max(1, -(-eff // (HOP_LENGTH * self.config.stride)))
+
+    def batch(self, samples_16k: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Compute features of utterances at :attr:`sample_rate`; < 400 samples give 0 rows.
+
+        Args:
+            samples_16k: ``float32 (num_samples,)`` mono utterances in [-1, 1].
+
+        Returns:
+            One ``float32 (num_rows, feature_dim)`` array per utterance.
+        """
+        feats = fbank_batch(samples_16k, self.config.feature_size, self.config.sample_rate)
+        return [_normalize_and_stack(f, self.config) for f in feats]

@@ -1,0 +1,142 @@
+"""The two steps of the graph as plain functions (the Dagster assets call these; so can you).
+
+Entry points:
+    - :func:`build_record_cache` — manifests -> ``record_cache/<split>.jsonl`` + report.
+    - :func:`build_feature_shards` — record cache -> feature shards of one frontend + reports.
+    - :func:`write_jsonl_report` — atomic JSONL report writer.
+
+Example (no Dagster)::
+
+    from asr_assets.pipeline import build_record_cache, build_feature_shards
+    from asr_assets.settings import Settings
+    s = Settings(manifests=("data/cv",), output="artifacts")
+    for split in ("train", "validation", "test"):
+        build_record_cache(s, split)
+        build_feature_shards(s, "squeezeformer", split, range(s.num_shards))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from .audio import probe_duration
+from .extraction import ExtractionConfig, ShardStats, extract_shards
+from .frontends import get_frontend
+from .manifests import ManifestRow, iter_manifest_rows
+from .record_cache import RecordStore, WriteSummary, write_record_cache
+from .records import Record, RecordConfig, Rejection, build_records
+from .settings import Settings
+
+
+def write_jsonl_report(path: str | os.PathLike, rows: Iterable[dict]) -> int:
+    """Write ``rows`` as UTF-8 JSONL to ``path`` atomically (temp file + ``os.replace``).
+
+    Returns the number of rows. An empty report is written as an empty file, so a re-run that
+    fixed every failure also clears the old report.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    count = 0
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    os.replace(tmp, path)
+    return count
+
+
+def _probe(row: ManifestRow) -> float:
+    source = row.audio_bytes if row.audio_bytes else row.audio_path
+    if source is None:
+        raise ValueError("no audio to probe")
+    return probe_duration(source, hint=row.audio_path)
+
+
+@dataclass
+class RecordCacheResult:
+    """Outcome of :func:`build_record_cache`."""
+
+    split: str
+    summary: WriteSummary
+    rejections: list[Rejection] = field(default_factory=list)
+    report_path: str = ""
+    seconds: float = 0.0
+
+
+def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], None] | None = None) -> RecordCacheResult:
+    """Build ``<output>/record_cache/<split>.jsonl`` from every manifest of ``settings``.
+
+    Every manifest row of this split that is not cached (filtered, missing audio, unreadable
+    header, duplicate id) is written to ``<output>/reports/records-<split>.jsonl`` with its
+    manifest, row number, audio source and reason.
+
+    Raises:
+        ManifestError: a manifest source is missing or unreadable.
+    """
+    start = time.perf_counter()
+    config = RecordConfig(require_readable_audio=settings.require_readable_audio)
+    rejections: list[Rejection] = []
+
+    def accepted() -> Iterable[Record]:
+        rows = iter_manifest_rows(settings.manifests, source_base=settings.source_base)
+        for item in build_records(rows, config, probe_duration=_probe, splits=[split]):
+            if isinstance(item, Rejection):
+                rejections.append(item)
+            else:
+                yield item
+
+    summary = write_record_cache(settings.record_cache_path(split), accepted())
+    report = settings.records_report_path(split)
+    write_jsonl_report(report, (r.to_report() for r in rejections))
+    if log:
+        log(f"record_cache[{split}]: {summary.utterances} utterances, {summary.audio_seconds / 3600:.3f} h, "
+            f"{len(rejections)} rows not cached (see {report})")
+    return RecordCacheResult(split, summary, rejections, str(report), time.perf_counter() - start)
+
+
+def build_feature_shards(
+    settings: Settings,
+    frontend_name: str,
+    split: str,
+    shards: Sequence[int],
+    *,
+    log: Callable[[str], None] | None = None,
+    log_every_s: float = 10.0,
+) -> dict[int, ShardStats]:
+    """Compute the missing ``frontend_name`` features of ``shards`` of ``split``.
+
+    Requires ``record_cache/<split>.jsonl`` (see :func:`build_record_cache`). Failures of each
+    shard are written to ``<output>/reports/<frontend>/<split>/shard_NN.jsonl``.
+
+    Returns:
+        ``{shard: ShardStats}``.
+    """
+    frontend = get_frontend(frontend_name)
+    store = RecordStore(settings.record_cache_path(split))
+    config = ExtractionConfig(
+        workers=settings.effective_workers, rows_per_part=settings.rows_per_part, num_shards=settings.num_shards,
+        ffmpeg_fallback=settings.ffmpeg_fallback, max_decode_s=settings.max_decode_s, fail_fast=settings.fail_fast,
+    )
+    last = [time.monotonic()]
+
+    def progress(done: int, total: int) -> None:
+        if log and (done == total or time.monotonic() - last[0] >= log_every_s):
+            last[0] = time.monotonic()
+            log(f"{frontend_name}[{split}]: {done}/{total} utterances featurized")
+
+    stats = extract_shards(store, settings.feature_split_root(split), frontend, shards, config, progress=progress)
+    for shard, shard_stats in stats.items():
+        report = settings.features_report_path(frontend_name, split, shard)
+        if shard_stats.failures:
+            write_jsonl_report(report, (
+                {"utterance_id": f.utterance_id, "audio_source": f.audio_source, "stage": f.stage, "error": f.error,
+                 "split": split, "shard": shard, "frontend": frontend_name} for f in shard_stats.failures))
+        elif report.exists():
+            report.unlink()  # every earlier failure of this shard has features now
+    return stats

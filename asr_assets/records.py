@@ -1,0 +1,258 @@
+"""Records: transcript normalization, filters and seeded split assignment (spec §1.4, §1.6, §1.7).
+
+Entry points:
+    - :class:`RecordConfig` — filter bounds, split fractions and seed (upstream defaults).
+    - :func:`normalize_transcript`, :func:`split_score`, :func:`assign_split`.
+    - :func:`build_records` — manifest rows -> :class:`Record` or :class:`Rejection`, streamed.
+
+Nothing here decodes audio; the optional ``probe_duration`` callable (from :mod:`asr_assets.audio`)
+supplies durations for manifests without a duration column (real Common Voice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+from .errors import ConfigError
+from .manifests import ManifestRow
+
+SPLITS = ("train", "validation", "test")
+TARGET_SAMPLE_RATE = 16000
+
+_APOSTROPHES = str.maketrans({"\u2019": "'", "`": "'", "\u02bc": "'", "\u201c": '"', "\u201d": '"', "\u00ab": '"', "\u00bb": '"'})
+_WHITESPACE = re.compile(r"\s+")
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])")
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    """Record filters and split assignment; defaults are upstream's (spec §1.6, §6).
+
+    Durations are seconds; transcript lengths are Unicode code points.
+    ``require_readable_audio`` (default True, upstream default False) drops rows whose audio is
+    neither embedded bytes, an http(s) URL nor an existing local file, so a missing file is
+    reported when the record cache is built instead of failing later at feature extraction.
+    """
+
+    seed: int = 13
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    lowercase: bool = False
+    min_audio_duration_s: float = 0.01
+    max_audio_duration_s: float = 30.0
+    min_transcript_chars: int = 1
+    max_transcript_chars: int = 400
+    max_symbol_ratio: float = 0.5
+    min_chars_per_second: float = 0.0
+    max_chars_per_second: float = math.inf
+    min_words_per_second: float = 0.0
+    max_words_per_second: float = math.inf
+    require_readable_audio: bool = True
+    require_audio_bytes: bool = False
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
+            raise ConfigError(f"need 0 <= val, test and val+test < 1, got val={self.val_fraction!r} test={self.test_fraction!r}")
+        if self.min_transcript_chars < 1:
+            raise ConfigError(f"min_transcript_chars must be >= 1, got {self.min_transcript_chars!r}")
+        if self.min_audio_duration_s <= 0:
+            raise ConfigError(f"min_audio_duration_s must be > 0, got {self.min_audio_duration_s!r}")
+        if self.max_audio_duration_s < self.min_audio_duration_s or self.max_transcript_chars < self.min_transcript_chars:
+            raise ConfigError("each maximum must be >= its minimum")
+
+
+@dataclass(frozen=True)
+class Record:
+    """A usable utterance, as written to the record cache.
+
+    ``num_samples`` is at 16 kHz: ``max(1, round_half_even(duration_s * 16000))``;
+    ``estimated_frames = max(num_samples, 400) // 160 + 1`` whatever the frontend (spec §1.4).
+    """
+
+    utterance_id: str
+    split: str
+    transcript: str
+    audio_path: str | None
+    audio_bytes: bytes | None
+    speaker_id: str | None
+    duration_s: float
+    source: str
+
+    @property
+    def num_samples(self) -> int:
+        return max(1, round(self.duration_s * TARGET_SAMPLE_RATE))
+
+    @property
+    def estimated_frames(self) -> int:
+        return max(self.num_samples, 400) // 160 + 1
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A manifest row that does not become a record: which row, where, and why."""
+
+    utterance_id: str
+    split: str
+    source: str
+    manifest_path: str
+    row_number: int
+    audio_source: str | None
+    stage: str
+    reason: str
+
+    def to_report(self) -> dict:
+        return {
+            "utterance_id": self.utterance_id, "audio_source": self.audio_source, "stage": self.stage,
+            "error": self.reason, "split": self.split, "manifest": self.manifest_path, "row": self.row_number,
+        }
+
+
+def normalize_transcript(text: str, *, lowercase: bool = False) -> str:
+    """Upstream normalization, in order: strip, optional lowercase, ’`ʼ -> ', “”«» -> ",
+    collapse whitespace, drop whitespace before ``, . ; : ! ?``."""
+    text = text.strip()
+    if lowercase:
+        text = text.lower()
+    text = text.translate(_APOSTROPHES)
+    text = _WHITESPACE.sub(" ", text)
+    return _SPACE_BEFORE_PUNCT.sub(r"\1", text)
+
+
+def split_score(key: str, seed: int = 13) -> float:
+    """``int(sha256(f"{seed}:{key}")[:16], 16) / 16**16`` in [0, 1) (spec §1.7)."""
+    return int(hashlib.sha256(f"{seed}:{key}".encode("utf-8")).hexdigest()[:16], 16) / 16**16
+
+
+def assign_split(key: str, config: RecordConfig = RecordConfig()) -> str:
+    """``train`` below ``1 - val - test``, then ``validation``, then ``test``."""
+    score = split_score(key, config.seed)
+    train_cutoff = 1.0 - config.val_fraction - config.test_fraction
+    if score < train_cutoff:
+        return "train"
+    if score < train_cutoff + config.val_fraction:
+        return "validation"
+    return "test"
+
+
+def symbol_ratio(text: str) -> float:
+    """Share of code points that are not alphanumeric, whitespace, ``'`` or ``-``."""
+    if not text:
+        return 0.0
+    symbols = sum(1 for ch in text if not (ch.isalnum() or ch.isspace() or ch in "'-"))
+    return symbols / len(text)
+
+
+def _audio_readable(row: ManifestRow) -> bool:
+    if row.audio_bytes:
+        return True
+    path = row.audio_path
+    return path is not None and (path.startswith(("http://", "https://")) or os.path.isfile(path))
+
+
+def _filter(transcript: str, duration: float, config: RecordConfig) -> str | None:
+    if duration < config.min_audio_duration_s:
+        return f"duration {duration:.6g} s < min {config.min_audio_duration_s} s"
+    if duration > config.max_audio_duration_s:
+        return f"duration {duration:.6g} s > max {config.max_audio_duration_s} s"
+    n = len(transcript)
+    if n < config.min_transcript_chars or n > config.max_transcript_chars:
+        return f"transcript length {n} outside [{config.min_transcript_chars}, {config.max_transcript_chars}]"
+    ratio = symbol_ratio(transcript)
+    if ratio > config.max_symbol_ratio:
+        return f"symbol ratio {ratio:.2f} > {config.max_symbol_ratio}"
+    if not any(ch.isalnum() for ch in transcript):
+        return "transcript has no alphanumeric character"
+    chars = sum(1 for ch in transcript if not ch.isspace())
+    words = len(transcript.split())
+    cps, wps = chars / duration, words / duration
+    if not config.min_chars_per_second <= cps <= config.max_chars_per_second:
+        return f"{cps:.1f} chars/s outside [{config.min_chars_per_second}, {config.max_chars_per_second}]"
+    if not config.min_words_per_second <= wps <= config.max_words_per_second:
+        return f"{wps:.1f} words/s outside [{config.min_words_per_second}, {config.max_words_per_second}]"
+    return None
+
+
+def build_records(
+    rows: Iterable[ManifestRow],
+    config: RecordConfig = RecordConfig(),
+    *,
+    probe_duration: Callable[[ManifestRow], float] | None = None,
+    splits: Iterable[str] = SPLITS,
+) -> Iterator[Record | Rejection]:
+    """Turn manifest rows into records of the requested splits, streamed in manifest order.
+
+    Every row whose split is requested yields exactly one :class:`Record` or :class:`Rejection`
+    (rows of other splits yield nothing), so a caller can report every row that is not cached.
+    The split is decided from ``speaker_id or utterance_id`` before filtering, so a rejected row
+    is reported by exactly one split.
+
+    Args:
+        rows: from :func:`asr_assets.manifests.iter_manifest_rows`.
+        config: filters and split fractions.
+        probe_duration: called for rows with no usable duration (column absent, cell empty, or
+            a value <= 0); returns
+            seconds or raises (the row is then rejected with the error). None: such rows are
+            rejected as "no duration", as upstream does.
+        splits: the splits to produce.
+
+    Filters run in upstream order: transcript, audio source, duration, duration bounds,
+    transcript length, symbol ratio, alphanumeric, alignment bounds. A second row with an
+    utterance id already seen is rejected as a duplicate (features are keyed by utterance id).
+    """
+    wanted = set(splits)
+    seen_ids: set[str] = set()
+    for row in rows:
+        utterance_id = row.utterance_id or row.audio_path or str(row.row_number)
+        split = assign_split(row.speaker_id or utterance_id, config)
+        if split not in wanted:
+            continue
+        audio_source = row.audio_path if row.audio_path is not None else ("<embedded bytes>" if row.audio_bytes else None)
+
+        def reject(stage: str, reason: str) -> Rejection:
+            return Rejection(utterance_id, split, row.source, row.manifest_path, row.row_number, audio_source, stage, reason)
+
+        transcript = normalize_transcript(row.transcript, lowercase=config.lowercase) if row.transcript else ""
+        if not transcript:
+            yield reject("manifest", "no transcript")
+            continue
+        if row.audio_path is None and not row.audio_bytes:
+            yield reject("manifest", "no audio source (neither path nor embedded bytes)")
+            continue
+        if config.require_audio_bytes and not row.audio_bytes:
+            yield reject("manifest", "no embedded audio bytes (require_audio_bytes)")
+            continue
+        if config.require_readable_audio and not _audio_readable(row):
+            yield reject("manifest", f"audio file not found: {row.audio_path}")
+            continue
+        duration = row.duration_s
+        if row.duration_error:
+            yield reject("manifest", row.duration_error)
+            continue
+        if duration is None or duration <= 0:
+            # A zero duration is what tools write when they could not read the file (seen in
+            # real manifests, e.g. for Opus without OpusTags): ask the audio header instead.
+            if probe_duration is None:
+                yield reject("manifest", "no duration")
+                continue
+            try:
+                duration = float(probe_duration(row))
+            except Exception as exc:  # the probe's error is the report's reason
+                yield reject("probe", f"cannot read duration from audio header: {exc}")
+                continue
+        if not math.isfinite(duration):
+            yield reject("filter", f"duration {duration!r} is not finite")
+            continue
+        reason = _filter(transcript, duration, config)
+        if reason is not None:
+            yield reject("filter", reason)
+            continue
+        if utterance_id in seen_ids:
+            yield reject("manifest", f"duplicate utterance_id {utterance_id!r}")
+            continue
+        seen_ids.add(utterance_id)
+        yield Record(utterance_id, split, transcript, row.audio_path, row.audio_bytes, row.speaker_id, duration, row.source)

@@ -1,0 +1,126 @@
+"""Project settings: embedded defaults, environment variables, output layout.
+
+Entry points:
+    - :class:`Settings` — every setting of a run, with defaults.
+    - :meth:`Settings.from_env` — defaults overridden by ``ASR_ASSETS_*`` variables.
+    - :func:`bundled_sample_manifests` — the sample corpus shipped in the package.
+
+Environment variables (read when called, never at import time):
+
+=========================  ==================================================  ===========================
+variable                   meaning                                             default
+=========================  ==================================================  ===========================
+``ASR_ASSETS_MANIFESTS``   manifest files/folders joined by ``os.pathsep``     the bundled sample
+``ASR_ASSETS_OUTPUT``      output root                                         ``artifacts/``
+``ASR_ASSETS_FRONTENDS``   comma list of frontends                             ``squeezeformer``
+``ASR_ASSETS_WORKERS``     feature-extraction processes                        every core
+=========================  ==================================================  ===========================
+
+Output layout under ``output``::
+
+    record_cache/<split>.jsonl (+ sidecars, <split>_audio_blobs/)
+    feature-cache/<split>/feature_shards/features_NN/part_*.parquet
+    reports/records-<split>.jsonl, reports/<frontend>/<split>/shard_NN.jsonl
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+from .errors import ConfigError
+
+SPLITS = ("train", "validation", "test")
+DEFAULT_FRONTENDS = ("squeezeformer",)
+
+
+def bundled_sample_manifests() -> list[str]:
+    """The sample corpus shipped inside the package: a Parquet folder and a TSV folder."""
+    root = Path(__file__).resolve().parent / "sample_data"
+    return [str(root / "hf"), str(root / "cv")]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Settings of one materialization.
+
+    Attributes:
+        manifests: manifest files or folders (several roots at once).
+        output: output root folder.
+        frontends: enabled frontend names (registry names of :mod:`asr_assets.frontends`).
+        source_base: base folder of relative audio paths instead of each manifest root.
+        workers: feature-extraction processes (0 = every core).
+        num_shards: feature shards per split.
+        rows_per_part: rows per Parquet part.
+        ffmpeg_fallback: decode with PyAV (FFmpeg libraries) what libsndfile cannot.
+        max_decode_s: audio longer than this (seconds) is refused before it is held in memory.
+        fail_fast: stop at the first failing utterance instead of reporting it.
+        require_readable_audio: drop rows whose audio file does not exist (reported).
+    """
+
+    manifests: tuple[str, ...] = field(default_factory=lambda: tuple(bundled_sample_manifests()))
+    output: str = "artifacts"
+    frontends: tuple[str, ...] = DEFAULT_FRONTENDS
+    source_base: str | None = None
+    workers: int = 0
+    num_shards: int = 64
+    rows_per_part: int = 256
+    ffmpeg_fallback: bool = True
+    max_decode_s: float = 60.0
+    fail_fast: bool = False
+    require_readable_audio: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.manifests:
+            raise ConfigError("no manifest source given")
+        if not self.frontends:
+            raise ConfigError("no frontend enabled")
+        if not 1 <= self.num_shards <= 100:
+            raise ConfigError(f"num_shards must be in [1, 100], got {self.num_shards!r}")
+        if self.workers < 0 or self.rows_per_part < 1:
+            raise ConfigError("workers must be >= 0 and rows_per_part >= 1")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """Defaults, then ``ASR_ASSETS_*`` variables, then keyword overrides (None ignored)."""
+        env = os.environ if environ is None else environ
+        values: dict = {}
+        if env.get("ASR_ASSETS_MANIFESTS"):
+            values["manifests"] = tuple(p for p in env["ASR_ASSETS_MANIFESTS"].split(os.pathsep) if p)
+        if env.get("ASR_ASSETS_OUTPUT"):
+            values["output"] = env["ASR_ASSETS_OUTPUT"]
+        if env.get("ASR_ASSETS_FRONTENDS"):
+            values["frontends"] = tuple(f.strip() for f in env["ASR_ASSETS_FRONTENDS"].split(",") if f.strip())
+        if env.get("ASR_ASSETS_WORKERS"):
+            try:
+                values["workers"] = int(env["ASR_ASSETS_WORKERS"])
+            except ValueError as exc:
+                raise ConfigError(f"ASR_ASSETS_WORKERS must be an integer, got {env['ASR_ASSETS_WORKERS']!r}") from exc
+        values.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+    # --- layout -------------------------------------------------------------------------
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output).resolve()
+
+    def record_cache_path(self, split: str) -> Path:
+        return self.output_path / "record_cache" / f"{split}.jsonl"
+
+    def feature_split_root(self, split: str) -> Path:
+        return self.output_path / "feature-cache" / split
+
+    def records_report_path(self, split: str) -> Path:
+        return self.output_path / "reports" / f"records-{split}.jsonl"
+
+    def features_report_path(self, frontend: str, split: str, shard: int) -> Path:
+        return self.output_path / "reports" / frontend / split / f"shard_{shard:02d}.jsonl"
+
+    @property
+    def effective_workers(self) -> int:
+        return self.workers or (os.cpu_count() or 1)
