@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     mat = sub.add_parser("materialize", help="materialize the whole graph (record cache, then feature shards)")
     mat.add_argument("--manifests", action="append", metavar="PATH",
                      help="manifest file or folder; repeatable (default: $ASR_ASSETS_MANIFESTS or the bundled sample)")
+    mat.add_argument("--validation-manifests", action="append", metavar="PATH",
+                     help="external validation source; repeatable (then every row of --manifests goes to train)")
     mat.add_argument("--output", metavar="DIR", help="output root (default: $ASR_ASSETS_OUTPUT or artifacts/)")
     mat.add_argument("--frontend", action="append", metavar="NAME",
                      help="frontend to cache; repeatable (default: $ASR_ASSETS_FRONTENDS or squeezeformer)")
@@ -46,11 +48,11 @@ def _settings(args: argparse.Namespace) -> Settings:
     from .manifests import discover_manifests
 
     settings = Settings.from_env(
-        manifests=args.manifests, output=args.output, frontends=args.frontend, workers=args.workers,
+        manifests=args.manifests, validation_manifests=args.validation_manifests, output=args.output, frontends=args.frontend, workers=args.workers,
         source_base=args.source_base, ffmpeg_fallback=False if args.no_ffmpeg_fallback else None,
         fail_fast=True if args.fail_fast else None,
     )
-    for source in settings.manifests:
+    for source in (*settings.manifests, *settings.validation_manifests):
         discover_manifests(source)  # raises ManifestError naming the source
     for name in settings.frontends:
         get_frontend(name)  # raises UnknownFrontendError listing the available ones

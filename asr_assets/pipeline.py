@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -81,11 +81,16 @@ def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], N
     """
     start = time.perf_counter()
     config = RecordConfig(require_readable_audio=settings.require_readable_audio)
+    sources, fixed_split = settings.manifests, None
+    if settings.validation_manifests:  # upstream external validation: no hashing into validation/test
+        config = replace(config, val_fraction=0.0, test_fraction=0.0)
+        if split == "validation":
+            sources, fixed_split = settings.validation_manifests, "validation"
     rejections: list[Rejection] = []
 
     def accepted() -> Iterable[Record]:
-        rows = iter_manifest_rows(settings.manifests, source_base=settings.source_base)
-        for item in build_records(rows, config, probe_duration=_probe, splits=[split]):
+        rows = iter_manifest_rows(sources, source_base=settings.source_base)
+        for item in build_records(rows, config, probe_duration=_probe, splits=[split], fixed_split=fixed_split):
             if isinstance(item, Rejection):
                 rejections.append(item)
             else:

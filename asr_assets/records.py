@@ -183,6 +183,7 @@ def build_records(
     *,
     probe_duration: Callable[[ManifestRow], float] | None = None,
     splits: Iterable[str] = SPLITS,
+    fixed_split: str | None = None,
 ) -> Iterator[Record | Rejection]:
     """Turn manifest rows into records of the requested splits, streamed in manifest order.
 
@@ -199,6 +200,8 @@ def build_records(
             seconds or raises (the row is then rejected with the error). None: such rows are
             rejected as "no duration", as upstream does.
         splits: the splits to produce.
+        fixed_split: put every row in this split instead of hashing (upstream's external
+            validation sources, ``--validation-dataset-source``).
 
     Filters run in upstream order: transcript, audio source, duration, duration bounds,
     transcript length, symbol ratio, alphanumeric, alignment bounds. A second row with an
@@ -208,7 +211,7 @@ def build_records(
     seen_ids: set[str] = set()
     for row in rows:
         utterance_id = row.utterance_id or row.audio_path or str(row.row_number)
-        split = assign_split(row.speaker_id or utterance_id, config)
+        split = fixed_split or assign_split(row.speaker_id or utterance_id, config)
         if split not in wanted:
             continue
         audio_source = row.audio_path if row.audio_path is not None else ("<embedded bytes>" if row.audio_bytes else None)

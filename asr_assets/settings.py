@@ -51,6 +51,9 @@ class Settings:
         output: output root folder.
         frontends: enabled frontend names (registry names of :mod:`asr_assets.frontends`).
         source_base: base folder of relative audio paths instead of each manifest root.
+        validation_manifests: external validation sources (upstream ``--validation-dataset-source``):
+            when given, every usable row of ``manifests`` goes to train, every usable row of these
+            to validation, and test is empty.
         workers: feature-extraction processes (0 = every core).
         num_shards: feature shards per split.
         rows_per_part: rows per Parquet part.
@@ -64,6 +67,7 @@ class Settings:
     output: str = "artifacts"
     frontends: tuple[str, ...] = DEFAULT_FRONTENDS
     source_base: str | None = None
+    validation_manifests: tuple[str, ...] = ()
     workers: int = 0
     num_shards: int = 64
     rows_per_part: int = 256

@@ -1,8 +1,8 @@
 """Tests of ``asr_assets.audio`` (decoding, resampling, duration probing) and the Ogg/Opus repair.
 
-Scope: every file of ``/work/shared/data/formats/audio`` (the JFK clip in ~90 containers/codecs and
+Scope: every file of ``../shared/data/formats/audio`` (the JFK clip in ~90 containers/codecs and
 a LibriVox line) decodes with the right rate and duration and matches the 16 kHz FLAC reference;
-every file of ``/work/shared/data/broken/audio`` has a pinned outcome; ``resample`` keeps exact
+every file of ``../shared/data/broken/audio`` has a pinned outcome; ``resample`` keeps exact
 lengths and a sine's frequency and amplitude; ``max_duration_s`` stops early with small peak
 memory; ``ffmpeg_fallback`` switches the PyAV backend; ``probe_duration`` reads headers. No test
 spawns an ffmpeg executable (an autouse fixture makes ``subprocess`` spawning fail).
@@ -37,7 +37,7 @@ from asr_assets.audio import (
 )
 from asr_assets.errors import AudioDecodeError
 
-DATA = Path("/work/shared/data")
+from asr_assets_tests.conftest import SHARED_DATA as DATA
 FORMATS = DATA / "formats"
 BROKEN = DATA / "broken"
 REF_NAME = "jfk__flac_16000_mono.flac"

@@ -18,6 +18,7 @@ class AsrAssetsConfig(dg.ConfigurableResource):
     manifests: List[str]
     output: str = "artifacts"
     source_base: Optional[str] = None
+    validation_manifests: List[str] = []
     workers: int = 0
     ffmpeg_fallback: bool = True
     max_decode_s: float = 60.0
@@ -29,7 +30,7 @@ class AsrAssetsConfig(dg.ConfigurableResource):
     def from_settings(cls, settings: Settings) -> "AsrAssetsConfig":
         return cls(
             manifests=list(settings.manifests), output=settings.output, source_base=settings.source_base,
-            workers=settings.workers, ffmpeg_fallback=settings.ffmpeg_fallback, max_decode_s=settings.max_decode_s,
+            validation_manifests=list(settings.validation_manifests), workers=settings.workers, ffmpeg_fallback=settings.ffmpeg_fallback, max_decode_s=settings.max_decode_s,
             fail_fast=settings.fail_fast, require_readable_audio=settings.require_readable_audio,
             rows_per_part=settings.rows_per_part,
         )
@@ -37,7 +38,7 @@ class AsrAssetsConfig(dg.ConfigurableResource):
     def settings(self, frontends: tuple[str, ...] = ("squeezeformer",)) -> Settings:
         return Settings(
             manifests=tuple(self.manifests), output=self.output, frontends=frontends, source_base=self.source_base,
-            workers=self.workers, ffmpeg_fallback=self.ffmpeg_fallback, max_decode_s=self.max_decode_s,
+            validation_manifests=tuple(self.validation_manifests), workers=self.workers, ffmpeg_fallback=self.ffmpeg_fallback, max_decode_s=self.max_decode_s,
             fail_fast=self.fail_fast, require_readable_audio=self.require_readable_audio,
             rows_per_part=self.rows_per_part,
         )

@@ -10,7 +10,8 @@ The algorithm restates upstream ``AudioFeaturizer.forward`` (squeezeformer_pytor
 ``frontend.py``), which wraps torchaudio ``MelSpectrogram`` with its defaults: centred STFT with
 reflect padding, periodic Hann window, power 2, HTK mel scale, no filter normalization; then
 ``log(max(mel, 1e-5))`` and optional per-column standardization. Everything runs in float32
-with one ``scipy.fft.rfft`` and one mel GEMM per block of :data:`~.base.CHUNK_FRAMES` frames.
+with one ``scipy.fft.rfft`` and one banded mel projection (:class:`~.base.MelBands`) per
+block of :data:`~.base.CHUNK_FRAMES` frames packed across utterances.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from .base import (
     check_bool,
     check_float,
     check_positive_int,
+    MelBands,
     frame_chunks,
     normalize_columns,
-    power_mel,
 )
 
 #: Floor applied to mel power before the natural log (upstream ``clamp_min(1e-5)``).
@@ -167,18 +168,16 @@ def htk_mel_filterbank(n_freqs: int, n_mels: int, sample_rate: int) -> np.ndarra
 
 
 @functools.lru_cache(maxsize=16)
-def _tables(n_fft: int, win_length: int, n_mels: int, sample_rate: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(window float32 (n_fft,), filterbank float32 (2*(n_fft//2+1), n_mels))``."""
+def _tables(n_fft: int, win_length: int, n_mels: int, sample_rate: int) -> tuple[np.ndarray, MelBands]:
+    """Return ``(window float32 (n_fft,), MelBands over n_fft//2+1 bins)``."""
     n = np.arange(win_length, dtype=np.float64)
     hann = 0.5 - 0.5 * np.cos(2.0 * np.pi * n / win_length)  # periodic (torch.hann_window)
     window = np.zeros(n_fft, dtype=np.float64)
     left = (n_fft - win_length) // 2
     window[left : left + win_length] = hann
-    fb = htk_mel_filterbank(n_fft // 2 + 1, n_mels, sample_rate)
-    fb2 = np.repeat(fb, 2, axis=0).astype(np.float32)
+    window = window.astype(np.float32)
     window.setflags(write=False)
-    fb2.setflags(write=False)
-    return window.astype(np.float32), fb2
+    return window, MelBands(htk_mel_filterbank(n_fft // 2 + 1, n_mels, sample_rate))
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,7 +214,7 @@ def logmel_batch(signals: Sequence[np.ndarray], cfg: LogMelConfig) -> list[np.nd
     """Compute HTK log-mel features for several utterances at ``cfg.sample_rate``.
 
     Frames of all utterances are packed into blocks of :data:`CHUNK_FRAMES`, each transformed by
-    one ``scipy.fft.rfft`` (workers=1) and one mel GEMM.
+    one ``scipy.fft.rfft`` (workers=1) and one banded mel projection.
 
     Args:
         signals: mono utterances, each ``float32 (num_samples,)`` in [-1, 1].
@@ -225,7 +224,7 @@ def logmel_batch(signals: Sequence[np.ndarray], cfg: LogMelConfig) -> list[np.nd
         One ``float32 (num_frames, n_mels)`` array per utterance, natural-log mel power,
         standardized per column when ``cfg.normalize_feature``.
     """
-    window, fb2 = _tables(cfg.n_fft, cfg.win_length, cfg.n_mels, cfg.sample_rate)
+    window, bands = _tables(cfg.n_fft, cfg.win_length, cfg.n_mels, cfg.sample_rate)
     padded = [_prepare_signal(x, cfg) for x in signals]
     counts = [_num_frames(cfg, np.asarray(x).shape[0]) for x in signals]
     views = [
@@ -233,17 +232,18 @@ def logmel_batch(signals: Sequence[np.ndarray], cfg: LogMelConfig) -> list[np.nd
         for p, c in zip(padded, counts)
     ]
     outs = [np.empty((c, cfg.n_mels), dtype=np.float32) for c in counts]
-    buf = np.empty((min(CHUNK_FRAMES, max(sum(counts), 1)), cfg.n_fft), dtype=np.float32)
+    size = min(CHUNK_FRAMES, max(sum(counts), 1))
+    buf = np.empty((size, cfg.n_fft), dtype=np.float32)
+    mel = np.empty((size, cfg.n_mels), dtype=np.float32)
     for block in frame_chunks(counts, CHUNK_FRAMES):
         rows = block[-1][3] + block[-1][2]
         for idx, start, take, row in block:
             np.multiply(views[idx][start : start + take], window, out=buf[row : row + take])
         spec = scipy.fft.rfft(buf[:rows], axis=1, workers=1)
-        mel = power_mel(spec, fb2)
-        np.maximum(mel, np.float32(LOG_FLOOR), out=mel)
-        np.log(mel, out=mel)
+        bands.power_mel(spec, mel[:rows])
+        np.maximum(mel[:rows], np.float32(LOG_FLOOR), out=mel[:rows])
         for idx, start, take, row in block:
-            outs[idx][start : start + take] = mel[row : row + take]
+            np.log(mel[row : row + take], out=outs[idx][start : start + take])
     if cfg.normalize_feature:
         axis = 1 if cfg.normalize_per_frame else 0
         for out in outs:

@@ -1,0 +1,141 @@
+"""Manifests and records: discovery (recursive, sorted, TSV wins), column aliases, HF audio structs,
+path resolution per root / source_base, transcript normalization, filters, split scores (spec §1.6–1.8, §2)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from asr_assets.errors import ConfigError, ManifestError
+from asr_assets.manifests import discover_manifests, iter_manifest_rows
+from asr_assets.records import Record, RecordConfig, Rejection, assign_split, build_records, normalize_transcript, split_score
+
+
+def _tsv(path, header, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\t".join(header) + "\n" + "".join("\t".join(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_split_scores_match_spec_vectors():
+    # spec §1.8 derived vectors, seed 13
+    assert split_score("spk0") == pytest.approx(0.474702, abs=1e-6)
+    assert split_score("spk7") == pytest.approx(0.842525, abs=1e-6)
+    assert split_score("spk12") == pytest.approx(0.800793, abs=1e-6)
+    assert split_score("spk19") == pytest.approx(0.969814, abs=1e-6)
+    assert split_score("utt2") == pytest.approx(0.793731, abs=1e-6)
+    assert [assign_split(k) for k in ("spk0", "spk7", "spk12", "spk19", "utt2")] == [
+        "train", "validation", "validation", "test", "train"]
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("Привіт , світе!", "Привіт, світе!"),
+    ("  It’s   a `test` ʼok ", "It's a 'test' 'ok"),
+    ("«quoted» “twice” ; end ?", '"quoted" "twice"; end?'),
+    ("Case Kept", "Case Kept"),
+])
+def test_normalize_transcript(raw, expected):
+    assert normalize_transcript(raw) == expected
+
+
+def test_lowercase_option():
+    assert normalize_transcript("ABC Def", lowercase=True) == "abc def"
+
+
+def test_record_frames_from_duration():
+    rec = Record("u", "train", "x", None, b"x", None, 1.0, "s")
+    assert (rec.num_samples, rec.estimated_frames) == (16000, 101)
+    assert Record("u", "train", "x", None, b"x", None, 0.2, "s").estimated_frames == 21  # 3200 samples
+    assert Record("u", "train", "x", None, b"x", None, 1e-9, "s").num_samples == 1
+
+
+def test_discovery_tsv_wins_recursive_sorted(tmp_path):
+    _tsv(tmp_path / "b" / "z.tsv", ["path", "sentence"], [])
+    _tsv(tmp_path / "a.tsv", ["path", "sentence"], [])
+    pq.write_table(pa.table({"path": ["x"]}), tmp_path / "c.parquet")
+    assert discover_manifests(tmp_path) == [tmp_path / "a.tsv", tmp_path / "b" / "z.tsv"]
+    only_parquet = tmp_path / "p"
+    only_parquet.mkdir()
+    pq.write_table(pa.table({"path": ["x"]}), only_parquet / "2.parquet")
+    pq.write_table(pa.table({"path": ["x"]}), only_parquet / "1.parquet")
+    assert [p.name for p in discover_manifests(only_parquet)] == ["1.parquet", "2.parquet"]
+    with pytest.raises(ManifestError, match="does not exist"):
+        discover_manifests(tmp_path / "missing")
+
+
+def test_rows_resolve_paths_per_root_and_source_base(tmp_path):
+    _tsv(tmp_path / "r1" / "sub" / "m.tsv", ["id", "path", "text", "duration_seconds", "speaker"],
+         [["u1", "clips/a.wav", "hello", "1.5", "s1"]])
+    pq.write_table(pa.table({
+        "utterance_id": ["u2"], "audio": [{"bytes": b"RIFF", "path": "b.wav"}], "transcription": ["hi"],
+        "audio_duration": [2.0], "client_id": [None], "speaker_id": ["spk"]}), tmp_path / "r2.parquet")
+    rows = list(iter_manifest_rows([tmp_path / "r1", tmp_path / "r2.parquet"]))
+    assert rows[0].audio_path == str(tmp_path / "r1" / "clips" / "a.wav")  # against the folder root
+    assert (rows[0].utterance_id, rows[0].transcript, rows[0].duration_s, rows[0].speaker_id) == ("u1", "hello", 1.5, "s1")
+    assert rows[1].audio_path == str(tmp_path / "b.wav") and rows[1].audio_bytes == b"RIFF"  # file's parent
+    assert rows[1].speaker_id == "spk" and rows[1].utterance_id == "u2"
+    based = list(iter_manifest_rows([tmp_path / "r1"], source_base=tmp_path / "base"))
+    assert based[0].audio_path == str(tmp_path / "base" / "clips" / "a.wav")
+
+
+def test_top_level_path_wins_over_struct_bytes(tmp_path):
+    pq.write_table(pa.table({"path": ["x.wav"], "audio": [{"bytes": b"abc", "path": "y.wav"}], "text": ["t"]}),
+                   tmp_path / "m.parquet")
+    (row,) = iter_manifest_rows([tmp_path / "m.parquet"])
+    assert row.audio_path == str(tmp_path / "x.wav") and row.audio_bytes is None
+
+
+def test_filters_in_order_and_every_row_accounted(tmp_path):
+    audio = tmp_path / "a.wav"
+    audio.write_bytes(b"present")
+    rows = [
+        ["u1", "a.wav", "Привіт , світе!", "1.0", "spk0"],
+        ["u2", "a.wav", "", "1.0", "spk0"],            # no transcript
+        ["u3", "missing.wav", "text", "1.0", "spk0"],  # file not found
+        ["u4", "a.wav", "text", "31", "spk0"],         # too long
+        ["u5", "a.wav", "!!!???", "1.0", "spk0"],      # symbol ratio
+        ["u6", "a.wav", "text", "abc", "spk0"],        # bad duration
+        ["u1", "a.wav", "again", "1.0", "spk0"],       # duplicate id
+        ["u7", "a.wav", "x" * 401, "1.0", "spk0"],     # transcript too long
+    ]
+    _tsv(tmp_path / "m.tsv", ["id", "path", "sentence", "duration", "client_id"], rows)
+    out = list(build_records(iter_manifest_rows([tmp_path / "m.tsv"]), RecordConfig()))
+    assert len(out) == len(rows)  # spk0 -> train: every row yields one item
+    assert isinstance(out[0], Record) and out[0].transcript == "Привіт, світе!"
+    reasons = [o.reason for o in out[1:]]
+    assert all(isinstance(o, Rejection) for o in out[1:])
+    assert reasons[0] == "no transcript"
+    assert reasons[1].startswith("audio file not found")
+    assert reasons[2].startswith("duration 31 s > max")
+    assert reasons[3].startswith("symbol ratio")
+    assert reasons[4] == "unparseable duration 'abc'"
+    assert reasons[5] == "duplicate utterance_id 'u1'"
+    assert reasons[6].startswith("transcript length 401")
+
+
+def test_missing_or_zero_duration_is_probed(tmp_path):
+    (tmp_path / "a.wav").write_bytes(b"x")
+    (tmp_path / "b.wav").write_bytes(b"x")
+    _tsv(tmp_path / "m.tsv", ["path", "sentence", "duration"], [["a.wav", "one", ""], ["b.wav", "two", "0.000"]])
+    probed = []
+
+    def probe(row):
+        probed.append(row.transcript)
+        return 2.5
+
+    out = list(build_records(iter_manifest_rows([tmp_path / "m.tsv"]), RecordConfig(val_fraction=0, test_fraction=0),
+                             probe_duration=probe))
+    assert probed == ["one", "two"]
+    assert [o.duration_s for o in out] == [2.5, 2.5]
+    # no id column: the resolved path is the utterance id (upstream)
+    assert [o.utterance_id for o in out] == [str(tmp_path / "a.wav"), str(tmp_path / "b.wav")]
+    failing = list(build_records(iter_manifest_rows([tmp_path / "m.tsv"]), RecordConfig(val_fraction=0, test_fraction=0),
+                                 probe_duration=lambda row: 1 / 0))
+    assert [(o.stage, o.reason) for o in failing] == [("probe", "cannot read duration from audio header: division by zero")] * 2
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError):
+        RecordConfig(val_fraction=0.6, test_fraction=0.4)
+    with pytest.raises(ConfigError):
+        RecordConfig(min_transcript_chars=0)
