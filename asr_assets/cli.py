@@ -5,7 +5,7 @@
     asr-assets frontends
 
 ``materialize`` runs the whole graph through Dagster against the instance in ``DAGSTER_HOME``
-(default ``./dagster_home``): one run for every split of ``record_cache``, then one run per split
+(default ``./dagster_home``): one run per split of ``record_cache``, then one run per split
 covering all 64 shards of every enabled frontend. Runs, lineage and metadata then show in
 ``dagster dev``. Exit status: 0 when the graph is complete (utterances that failed are in
 ``<output>/reports/``), 1 when a run failed, 2 on a configuration error.
@@ -87,7 +87,7 @@ def materialize(settings: Settings) -> int:
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
     instance = _dagster_instance()
     graph = build_graph(settings)
-    everything = [graph.record_cache, *graph.feature_assets, *graph.checks]
+    everything = [graph.manifests, graph.record_cache, *graph.feature_assets, *graph.checks]
     print(f"asr-assets: manifests {list(settings.manifests)} -> {settings.output_path} "
           f"(frontends {', '.join(settings.frontends)}; DAGSTER_HOME={os.environ['DAGSTER_HOME']})", flush=True)
 
@@ -101,7 +101,7 @@ def materialize(settings: Settings) -> int:
             print(f"asr-assets: run {result.run_id} ({what}) FAILED; see `dagster dev` or the log above", file=sys.stderr)
         return result.success
 
-    ok = run(dg.AssetSelection.assets(graph.record_cache), SPLITS[0], SPLITS[-1], "record_cache")
+    ok = all([run(dg.AssetSelection.assets(graph.record_cache), split, split, f"record_cache[{split}]") for split in SPLITS])
     if ok:
         for split in SPLITS:
             ok = run(dg.AssetSelection.assets(*graph.feature_assets), feature_partition_key(split, 0),

@@ -15,28 +15,33 @@ from asr_assets.settings import Settings
 class Graph:
     """The pieces of the graph for one set of settings."""
 
+    manifests: dg.AssetSpec
     record_cache: dg.AssetsDefinition
     feature_assets: tuple
     checks: tuple
+    sensors: tuple
     resources: dict
 
 
 def build_graph(settings: Settings) -> Graph:
-    from asr_assets.defs.assets import build_feature_asset, record_cache
+    from asr_assets.defs.assets import build_feature_asset, manifests, record_cache
     from asr_assets.defs.checks import build_feature_check, record_cache_consistent
     from asr_assets.defs.resources import AsrAssetsConfig
+    from asr_assets.defs.sensors import build_automation_sensor, manifest_sensor
 
     feature_assets = tuple(build_feature_asset(name) for name in settings.frontends)
     checks = (record_cache_consistent, *(build_feature_check(n, a) for n, a in zip(settings.frontends, feature_assets)))
-    return Graph(record_cache, feature_assets, checks, {"asr_config": AsrAssetsConfig.from_settings(settings)})
+    sensors = (manifest_sensor, build_automation_sensor(feature_assets))
+    return Graph(manifests, record_cache, feature_assets, checks, sensors, {"asr_config": AsrAssetsConfig.from_settings(settings)})
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
-    """Assets, checks and resources for ``settings`` (default: from the environment)."""
+    """Assets, checks, sensors and resources for ``settings`` (default: from the environment)."""
     graph = build_graph(settings or Settings.from_env())
     return dg.Definitions(
-        assets=[graph.record_cache, *graph.feature_assets],
+        assets=[graph.manifests, graph.record_cache, *graph.feature_assets],
         asset_checks=list(graph.checks),
+        sensors=list(graph.sensors),
         resources=graph.resources,
     )
 

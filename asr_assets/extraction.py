@@ -15,6 +15,7 @@ on, unless ``fail_fast``.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import time
@@ -27,7 +28,7 @@ import numpy as np
 
 from .audio import DecodeConfig, load_audio
 from .errors import AsrAssetsError
-from .feature_cache import ShardWriter, ShardedParquetFeatureCache, cache_key, encode_payload, shard_index
+from .feature_cache import ShardWriter, ShardedParquetFeatureCache, cache_key, encode_payload, shard_index, shard_lock
 from .frontends import Frontend
 from .record_cache import RecordStore
 
@@ -76,6 +77,7 @@ class ShardStats:
     audio_seconds: float = 0.0
     frames: int = 0
     parts_written: int = 0
+    tombstoned: int = 0
     worker_seconds: float = 0.0
     failures: list[Failure] = field(default_factory=list)
 
@@ -167,7 +169,9 @@ def extract_shards(
     """Compute and store the features that ``shards`` of ``split_root`` are missing.
 
     Keys already present (live) in a shard are skipped; new rows are appended as new parts, so
-    existing parts are never rewritten and a run with nothing new writes nothing.
+    existing parts are never rewritten and a run with nothing new writes nothing. Keys this
+    frontend wrote for records no longer in the record store get a tombstone. Writers of the
+    same shard and frontend are serialized by :func:`asr_assets.feature_cache.shard_lock`.
 
     Args:
         store: the split's record store.
@@ -185,11 +189,21 @@ def extract_shards(
     """
     fhash = frontend.frontend_hash()
     plan = plan_shard_tasks(store, fhash, shards, config.num_shards)
+    with contextlib.ExitStack() as locks:
+        for shard in sorted(plan):  # sorted: two runs over overlapping shards cannot deadlock
+            locks.enter_context(shard_lock(split_root, shard, fhash))
+        return _extract_locked(plan, split_root, frontend, fhash, config, progress)
+
+
+def _extract_locked(plan, split_root, frontend: Frontend, fhash: str, config: ExtractionConfig, progress) -> dict[int, ShardStats]:
     reader = ShardedParquetFeatureCache(split_root, config.num_shards)
     stats = {s: ShardStats(shard=s, records=len(tasks)) for s, tasks in plan.items()}
     todo: list[_Task] = []
+    orphans: dict[int, list[str]] = {}
     for shard, tasks in plan.items():
-        present = reader.keys(shard) if tasks else set()
+        present = reader.keys(shard, frontend_hash=fhash)
+        wanted = {task.key for task in tasks}
+        orphans[shard] = sorted(present - wanted)  # records gone from the record cache
         for task in tasks:
             if task.key in present:
                 stats[shard].skipped += 1
@@ -198,6 +212,10 @@ def extract_shards(
     metadata = {"frontend": frontend.name, "frontend_hash": fhash, "config_repr": frontend.config_repr(),
                 "feature_dim": frontend.feature_dim, "sample_rate_hz": frontend.sample_rate}
     writers = {s: ShardWriter(split_root, s, rows_per_part=config.rows_per_part, metadata=metadata) for s in plan}
+    for shard, keys in orphans.items():
+        for key in keys:
+            writers[shard].delete(key)
+        stats[shard].tombstoned = len(keys)
     decode = DecodeConfig(ffmpeg_fallback=config.ffmpeg_fallback, max_duration_s=config.max_decode_s)
     try:
         for done, (task, result) in enumerate(_run(todo, frontend, decode, config.workers), start=1):

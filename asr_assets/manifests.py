@@ -17,6 +17,7 @@ struct, or plain binary). Nothing here decodes audio.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,3 +229,30 @@ def _make_row(cells: dict, source: str, manifest: str, counter: int, base: Path)
         duration_s=duration,
         duration_error=duration_error,
     )
+
+
+def manifest_fingerprint(source: str | os.PathLike) -> dict:
+    """Cheap change detector of one source: stats only, no file is opened.
+
+    Returns:
+        ``{"digest": sha256 hex of the sorted (relative path, size, mtime_ns) of every manifest
+        file, "files": count, "bytes": total size}``; ``{"digest": "missing", ...}`` when the
+        source does not exist. Thousands of files cost one directory walk.
+    """
+    root = Path(source)
+    entries = []
+    if root.is_file():
+        st = root.stat()
+        entries.append((root.name, st.st_size, st.st_mtime_ns))
+    elif root.is_dir():
+        for dirpath, _, filenames in os.walk(root):
+            for name in filenames:
+                if os.path.splitext(name)[1].lower() in MANIFEST_SUFFIXES:
+                    path = os.path.join(dirpath, name)
+                    st = os.stat(path)
+                    entries.append((os.path.relpath(path, root), st.st_size, st.st_mtime_ns))
+    else:
+        return {"digest": "missing", "files": 0, "bytes": 0}
+    entries.sort()
+    digest = hashlib.sha256(repr(entries).encode("utf-8")).hexdigest()
+    return {"digest": digest, "files": len(entries), "bytes": sum(e[1] for e in entries)}

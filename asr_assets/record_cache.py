@@ -32,6 +32,7 @@ from typing import Iterable
 
 import numpy as np
 
+from ._fs import TMP_MARK, atomic_write_bytes, file_lock, tmp_path_for
 from .errors import CacheCorruptError
 from .records import Record
 
@@ -43,7 +44,6 @@ SIDECARS: dict[str, str] = {
     ".transcript_lengths.u32": "<u4",
     ".token_lengths.u32": "<u4",
 }
-_TMP_MARK = ".tmp."
 
 
 def sidecar_path(jsonl_path: str | os.PathLike, suffix: str) -> Path:
@@ -58,15 +58,6 @@ def blob_dir(jsonl_path: str | os.PathLike) -> Path:
     return jsonl_path.parent / f"{jsonl_path.stem}_audio_blobs"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def write_blob(jsonl_path: str | os.PathLike, data: bytes) -> str:
     """Store audio bytes as ``<stem>_audio_blobs/<sha256>.bin`` (once); returns the path
     relative to the JSONL's folder, as written in ``audio_blob_path``."""
@@ -75,7 +66,7 @@ def write_blob(jsonl_path: str | os.PathLike, data: bytes) -> str:
     name = hashlib.sha256(data).hexdigest() + ".bin"
     target = directory / name
     if not (target.exists() and target.stat().st_size == len(data)):
-        _atomic_write_bytes(target, data)
+        atomic_write_bytes(target, data)
     return f"{directory.name}/{name}"
 
 
@@ -88,10 +79,11 @@ class WriteSummary:
     audio_seconds: float = 0.0
     blobs: int = 0
     durations_s: list[float] = field(default_factory=list)
+    sha256: str = ""  # of the JSONL bytes: the split's data version
 
 
 def _cleanup_stale_tmp(jsonl_path: Path) -> None:
-    for stale in glob.glob(glob.escape(str(jsonl_path)) + _TMP_MARK + "*"):
+    for stale in glob.glob(glob.escape(str(jsonl_path)) + "*" + TMP_MARK + "*"):
         try:
             os.remove(stale)
         except OSError:
@@ -109,14 +101,21 @@ def write_record_cache(jsonl_path: str | os.PathLike, records: Iterable[Record])
         :class:`WriteSummary` with counts and audio seconds.
 
     Embedded bytes are kept as a blob unless a readable local file exists at ``audio_path``.
-    An existing store is replaced only once the new one is complete.
+    An existing store is replaced only once the new one is complete; concurrent writers of the
+    same store are serialized by a lock on ``<split>.jsonl.lock`` and the last one wins.
     """
     jsonl_path = Path(jsonl_path)
     jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(jsonl_path.with_name(jsonl_path.name + ".lock")):
+        return _write_locked(jsonl_path, records)
+
+
+def _write_locked(jsonl_path: Path, records: Iterable[Record]) -> WriteSummary:
     _cleanup_stale_tmp(jsonl_path)
-    tmp = jsonl_path.with_name(f"{jsonl_path.name}{_TMP_MARK}{os.getpid()}")
+    tmp = tmp_path_for(jsonl_path)
     columns: dict[str, list[int]] = {suffix: [] for suffix in SIDECARS}
     summary = WriteSummary(path=str(jsonl_path))
+    digest = hashlib.sha256()
     with open(tmp, "wb") as handle:
         for record in records:
             blob_path = None
@@ -135,7 +134,9 @@ def write_record_cache(jsonl_path: str | os.PathLike, records: Iterable[Record])
                 ensure_ascii=False,
             )
             columns[".offsets.u64"].append(handle.tell())
-            handle.write(line.encode("utf-8") + b"\n")
+            data = line.encode("utf-8") + b"\n"
+            handle.write(data)
+            digest.update(data)
             columns[".estimated_frames.u32"].append(record.estimated_frames)
             columns[".num_samples.u64"].append(record.num_samples)
             columns[".sample_rates.u32"].append(16000)
@@ -148,8 +149,9 @@ def write_record_cache(jsonl_path: str | os.PathLike, records: Iterable[Record])
         os.fsync(handle.fileno())
     for suffix, dtype in SIDECARS.items():
         values = np.asarray(columns[suffix], dtype=np.int64).clip(0)
-        _atomic_write_bytes(sidecar_path(jsonl_path, suffix), values.astype(dtype).tobytes())
-    os.replace(tmp, jsonl_path)
+        atomic_write_bytes(sidecar_path(jsonl_path, suffix), values.astype(dtype).tobytes())
+    os.replace(tmp, jsonl_path)  # last: a reader that sees this JSONL sees its sidecars
+    summary.sha256 = digest.hexdigest()
     return summary
 
 
@@ -178,7 +180,29 @@ def record_store_is_valid(jsonl_path: str | os.PathLike) -> bool:
         path = sidecar_path(jsonl_path, suffix)
         if path.exists() and _entry_count(path, np.dtype(dtype).itemsize) != offsets:
             return False
-    return True
+    return _offsets_match_jsonl(jsonl_path, np.fromfile(sidecar_path(jsonl_path, ".offsets.u64"), dtype="<u8"))
+
+
+def _offsets_match_jsonl(jsonl_path: Path, offsets: np.ndarray) -> bool:
+    """The last offset starts the last line and that line ends the file (O(1) reads).
+
+    Catches sidecars from one write paired with the JSONL of another (a writer killed between
+    its renames), which equal entry counts alone do not.
+    """
+    size = jsonl_path.stat().st_size
+    if len(offsets) == 0:
+        return size == 0
+    last = int(offsets[-1])
+    if last >= size:
+        return False
+    with open(jsonl_path, "rb") as handle:
+        if last:
+            handle.seek(last - 1)
+            if handle.read(1) != b"\n":
+                return False
+        handle.seek(last)
+        line = handle.readline()
+    return last + len(line) == size and line.endswith(b"\n")
 
 
 class RecordStore:
@@ -212,6 +236,8 @@ class RecordStore:
         if not self.path.is_file() or not offsets_path.is_file():
             raise CacheCorruptError(f"record store {str(self.path)!r} or its offsets sidecar is missing")
         self.offsets = self._load(offsets_path, "<u8")
+        if not _offsets_match_jsonl(self.path, self.offsets):
+            raise CacheCorruptError(f"offsets sidecar of {str(self.path)!r} does not match the JSONL (interrupted write?)")
         self.sidecars: dict[str, np.ndarray | None] = {}
         for suffix, name in self._FIELDS.items():
             path = sidecar_path(self.path, suffix)

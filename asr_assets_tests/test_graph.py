@@ -57,7 +57,7 @@ def _range_tags(start: str, end: str) -> dict:
 def test_definitions_load_with_expected_graph():
     defs = build_definitions(Settings(frontends=("squeezeformer",)))
     dg.Definitions.validate_loadable(defs)
-    assert sorted(k.to_user_string() for k in defs.resolve_all_asset_keys()) == ["record_cache", "squeezeformer_features"]
+    assert sorted(k.to_user_string() for k in defs.resolve_all_asset_keys()) == ["manifests", "record_cache", "squeezeformer_features"]
     assert feature_partition_key("train", 7) == "07|train"
     features = defs.get_assets_def("squeezeformer_features")
     assert len(features.partitions_def.get_partition_keys()) == 3 * 64
@@ -67,7 +67,7 @@ def test_definitions_load_with_expected_graph():
 def test_materialize_bundled_sample_in_process(tmp_path):
     settings = Settings(manifests=tuple(bundled_sample_manifests()), output=str(tmp_path / "out"), workers=2)
     graph = build_graph(settings)
-    everything = [graph.record_cache, *graph.feature_assets, *graph.checks]
+    everything = [graph.manifests, graph.record_cache, *graph.feature_assets, *graph.checks]
     instance = dg.DagsterInstance.ephemeral()
     res = dg.materialize(everything, selection=[graph.record_cache], instance=instance, resources=graph.resources,
                          tags=_range_tags("train", "test"))

@@ -19,7 +19,15 @@ from asr_assets.pipeline import build_feature_shards, build_record_cache
 from .partitions import feature_partition_key, feature_partitions, parse_feature_partition_key, split_partitions
 from .resources import AsrAssetsConfig
 
+MANIFESTS_KEY = dg.AssetKey("manifests")
 RECORD_CACHE_VERSION = "1"
+
+manifests = dg.AssetSpec(
+    MANIFESTS_KEY,
+    group_name="record_cache",
+    kinds={"tsv", "parquet"},
+    description="The manifest roots (external: observed by manifest_sensor, whose digest is its data version).",
+)
 FEATURES_CODE_VERSION = "1"
 
 
@@ -42,32 +50,36 @@ def _duration_histogram(durations: list[float]) -> str:
 
 @dg.asset(
     partitions_def=split_partitions,
+    deps=[manifests],
     group_name="record_cache",
     kinds={"python", "jsonl"},
     code_version=RECORD_CACHE_VERSION,
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=3),
     description="Per split: record_cache/<split>.jsonl + little-endian sidecars + audio blobs, from every manifest.",
 )
-def record_cache(context: dg.AssetExecutionContext, asr_config: AsrAssetsConfig) -> None:
+def record_cache(context: dg.AssetExecutionContext, asr_config: AsrAssetsConfig) -> dg.MaterializeResult:
+    """One run per split (default backfill policy), so each split gets its own data version
+    (sha256 of its JSONL) and its own check evaluation; a range run also works."""
     settings = asr_config.settings()
     for split in context.partition_keys:
         result = build_record_cache(settings, split, log=context.log.info)
         reasons = Counter(r.stage for r in result.rejections)
-        context.add_asset_metadata(
-            {
-                "dagster/row_count": result.summary.utterances,
-                "audio_hours": round(result.summary.audio_seconds / 3600, 4),
-                "rows_not_cached": len(result.rejections),
-                "rows_not_cached_by_stage": dg.MetadataValue.json(dict(reasons)),
-                "audio_blobs": result.summary.blobs,
-                "path": dg.MetadataValue.path(result.summary.path),
-                "report": dg.MetadataValue.path(result.report_path),
-                "duration_histogram": dg.MetadataValue.md(_duration_histogram(result.summary.durations_s)),
-                "manifests": dg.MetadataValue.json(list(settings.manifests)),
-                "seconds": round(result.seconds, 2),
-            },
-            partition_key=split,
-        )
+        metadata = {
+            "dagster/row_count": result.summary.utterances,
+            "audio_hours": round(result.summary.audio_seconds / 3600, 4),
+            "rows_not_cached": len(result.rejections),
+            "rows_not_cached_by_stage": dg.MetadataValue.json(dict(reasons)),
+            "audio_blobs": result.summary.blobs,
+            "path": dg.MetadataValue.path(result.summary.path),
+            "report": dg.MetadataValue.path(result.report_path),
+            "duration_histogram": dg.MetadataValue.md(_duration_histogram(result.summary.durations_s)),
+            "manifests": dg.MetadataValue.json(list(settings.manifests)),
+            "seconds": round(result.seconds, 2),
+            "sha256": result.summary.sha256,
+        }
+        if len(context.partition_keys) == 1:
+            return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(result.summary.sha256[:16]))
+        context.add_asset_metadata(metadata, partition_key=split)
+    return dg.MaterializeResult()
 
 
 def build_feature_asset(frontend_name: str) -> dg.AssetsDefinition:
@@ -83,6 +95,7 @@ def build_feature_asset(frontend_name: str) -> dg.AssetsDefinition:
         code_version=f"{FEATURES_CODE_VERSION}-{frontend.frontend_hash()}",
         backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=64),
         pool="feature_extraction",
+        automation_condition=dg.AutomationCondition.eager(),
         tags={"asr/frontend": frontend_name},
         description=(f"{frontend_name} features ({frontend.feature_dim}-dim, hash {frontend.frontend_hash()}) in "
                      "feature-cache/<split>/feature_shards/features_NN/part_*.parquet."),

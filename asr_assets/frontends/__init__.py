@@ -27,10 +27,16 @@ from asr_assets.errors import FeatureConfigError, UnknownFrontendError
 from .base import Frontend, py_float, render_config_repr
 from .custom import CustomFrontend
 from .logmel import SQUEEZEFORMER_CONFIG, ZIPFORMER_CONFIG, LogMelFrontend, make_logmel_config
+from .ludwig import FACTORIES as LUDWIG_FACTORIES
+from .ludwig import LudwigFrontend
+from .w2v_bert import W2VBertFrontend, make_w2v_bert
 
 __all__ = [
     "Frontend",
     "CustomFrontend",
+    "LogMelFrontend",
+    "LudwigFrontend",
+    "W2VBertFrontend",
     "available_frontends",
     "compute_features",
     "get_frontend",
@@ -188,16 +194,6 @@ def _zipformer(**overrides: Any) -> Frontend:
 _register_factory("squeezeformer", _squeezeformer)
 _register_factory("zipformer", _zipformer)
 
-try:  # optional modules are added as they land; the log-mel frontends never depend on them
-    from . import w2v_bert as _w2v_bert
-
-    _register_factory("w2v-bert", _w2v_bert.make_w2v_bert)
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from . import ludwig as _ludwig
-
-    for _name, _factory in _ludwig.FACTORIES.items():
-        _register_factory(_name, _factory)
-except ImportError:  # pragma: no cover
-    pass
+_register_factory("w2v-bert", make_w2v_bert)
+for _name, _factory in LUDWIG_FACTORIES.items():
+    _register_factory(_name, _factory)

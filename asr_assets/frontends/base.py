@@ -20,9 +20,9 @@ import numpy as np
 
 from asr_assets.errors import FeatureConfigError
 
-#: Frames processed per FFT/GEMM block. About 1,000-2,000 frames keeps the working set a few MB, which
+#: Frames processed per FFT/GEMM block. About 500-2,000 frames keeps the working set a few MB, which
 #: avoids the page-fault storm of whole-array processing of long audio (performance notes).
-CHUNK_FRAMES = 1024
+CHUNK_FRAMES = 512
 
 #: float32 machine epsilon, used by the constant-column rule (see :func:`normalize_columns`).
 _EPS32 = float(np.finfo(np.float32).eps)
@@ -365,13 +365,14 @@ def normalize_columns(
     ddof: int,
     std_floor: float = 0.0,
     var_offset: float = 0.0,
+    std_offset: float = 0.0,
     axis: int = 0,
 ) -> np.ndarray:
     """Standardize each column (``axis=0``) or row (``axis=1``) in place.
 
-    Computes ``(x - mean) / max(sqrt(var_ddof + var_offset), std_floor)`` (torchaudio/HF
-    conventions: squeezeformer uses ``ddof=0, std_floor=1e-5``, w2v-bert
-    ``ddof=1, var_offset=1e-7``). The mean is accumulated in float64. With fewer than
+    Computes ``(x - mean) / (max(sqrt(var_ddof + var_offset), std_floor) + std_offset)``
+    (torchaudio/HF/Ludwig conventions: squeezeformer uses ``ddof=0, std_floor=1e-5``, w2v-bert
+    ``ddof=1, var_offset=1e-7``, Ludwig ``per_file`` ``ddof=1, std_offset=1e-10``). The mean is accumulated in float64. With fewer than
     ``ddof + 1`` values the variance is taken as 0 (upstream Rust divisor 1; HF gives NaN).
 
     Constant-column rule: a column whose standard deviation is at most
@@ -387,6 +388,7 @@ def normalize_columns(
         ddof: delta degrees of freedom of the variance.
         std_floor: lower clamp of the standard deviation.
         var_offset: constant added to the variance before the square root.
+        std_offset: constant added to the (clamped) standard deviation.
         axis: 0 normalizes each column over time, 1 each row over features.
 
     Returns:
@@ -402,7 +404,8 @@ def normalize_columns(
     var = ss / (n - ddof) if n > ddof else np.zeros_like(ss)
     std = np.sqrt(var + var_offset)
     constant = np.sqrt(var) <= CONSTANT_COLUMN_ULPS * _EPS32 * np.abs(mean)
-    scale = np.where(constant, 0.0, 1.0 / np.maximum(std, std_floor)).astype(np.float32)
+    scale = np.where(constant, 0.0, 1.0 / (np.maximum(std, std_floor) + std_offset))
+    scale = scale.astype(np.float32)
     np.multiply(x, scale, out=x)
     return features
 

@@ -191,23 +191,48 @@ def _num_frames(cfg: LogMelConfig, num_samples: int) -> int:
 
 
 def _prepare_signal(x: np.ndarray, cfg: LogMelConfig) -> np.ndarray:
-    """Signal normalization, pre-emphasis, right zero-pad, centre reflect-pad (float32)."""
+    """Signal normalization, pre-emphasis, right zero-pad and centre reflect-pad, in float32.
+
+    Normalization and pre-emphasis are fused: with ``s = 1 / max(max|x - m|, 1e-6)``,
+    ``y[n] = s * (x[n] - c * x[n-1]) - s * m * (1 - c)`` and ``y[0] = s * (x[0] - m)``; this
+    equals upstream's normalize-then-pre-emphasize up to float32 rounding.
+
+    Args:
+        x: ``float32 (num_samples,)`` at ``cfg.sample_rate``.
+        cfg: frontend settings.
+
+    Returns:
+        ``float32 (max(num_samples, n_fft, win_length) + 2 * (n_fft // 2),)``.
+    """
     x = np.asarray(x, dtype=np.float32)
-    if cfg.normalize_signal and x.size:
-        x = x - np.float32(x.mean(dtype=np.float64))
-        peak = max(float(np.abs(x).max()), PEAK_FLOOR)
-        x = x / np.float32(peak)
-    if cfg.preemphasis > 0 and x.size > 1:
-        y = np.empty_like(x)
-        y[0] = x[0]
-        np.multiply(x[:-1], np.float32(cfg.preemphasis), out=y[1:])
-        np.subtract(x[1:], y[1:], out=y[1:])
-        x = y
-    required = max(cfg.n_fft, cfg.win_length)
-    if x.shape[0] < required:
-        x = np.concatenate([x, np.zeros(required - x.shape[0], dtype=np.float32)])
+    n = x.shape[0]
     pad = cfg.n_fft // 2
-    return np.pad(x, (pad, pad), mode="reflect")
+    length = max(n, cfg.n_fft, cfg.win_length)
+    out = np.empty(length + 2 * pad, dtype=np.float32)
+    mid = out[pad : pad + length]
+    mid[n:] = 0.0
+    body = mid[:n]
+    mean, scale = 0.0, 1.0
+    if cfg.normalize_signal and n:
+        mean = float(x.mean())
+        scale = 1.0 / max(float(x.max()) - mean, mean - float(x.min()), PEAK_FLOOR)
+    c = cfg.preemphasis
+    if c > 0 and n > 1:
+        np.multiply(x[:-1], np.float32(c), out=body[1:])
+        np.subtract(x[1:], body[1:], out=body[1:])
+        body[0] = x[0]
+        if cfg.normalize_signal:
+            body *= np.float32(scale)
+            body[1:] -= np.float32(scale * mean * (1.0 - c))
+            body[0] = np.float32((float(x[0]) - mean) * scale)
+    elif cfg.normalize_signal and n:
+        np.subtract(x, np.float32(mean), out=body)
+        body *= np.float32(scale)
+    else:
+        body[...] = x
+    out[:pad] = mid[pad:0:-1]  # reflect, as torch/np.pad mode="reflect"
+    out[pad + length :] = mid[-2 : -pad - 2 : -1]
+    return out
 
 
 def logmel_batch(signals: Sequence[np.ndarray], cfg: LogMelConfig) -> list[np.ndarray]:

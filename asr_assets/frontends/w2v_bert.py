@@ -15,9 +15,11 @@ pre-emphasis 0.97, symmetric Povey window, 512-point FFT, power, 80 Kaldi mel ba
 pad to an even frame count with ``padding_value`` and stack frame pairs into 160 columns.
 
 Implementation notes (batched; float64 up to the FFT, float32 after it, see
-:func:`fbank_batch`): per-frame DC removal and pre-emphasis are linear, so a
-frame equals ``w * (g[s:s+400] - 0.03 * mean(x[s:s+400]))`` where ``g`` is the pre-emphasis of
-the whole signal, except sample 0 which is ``0.03 * x[s]``; this avoids a per-frame loop.
+:func:`fbank_batch`): per-frame DC removal and pre-emphasis are linear, so a frame equals
+``w * (g[s:s+400] - 0.03 * mean(x[s:s+400]))`` where ``g`` is the pre-emphasis of the whole
+signal. Sample 0 of a frame should be ``0.03 * (x[s] - mean)`` instead of ``g[s] - 0.03 * mean``,
+but the Povey window is exactly 0 there, so both give 0. The DC term is removed with one BLAS
+rank-1 update per block.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import scipy.fft
+from scipy.linalg.blas import dger as _blas_dger
 
 from asr_assets.errors import FeatureConfigError
 
@@ -160,12 +163,13 @@ def kaldi_mel_filterbank(num_bins: int, num_mels: int, sample_rate: int, f_min: 
 
 
 @functools.lru_cache(maxsize=8)
-def _tables(num_mels: int, sample_rate: int) -> tuple[np.ndarray, MelBands]:
-    """Return ``(povey window float64 (400,), MelBands over 257 bins)``."""
+def _tables(num_mels: int, sample_rate: int) -> tuple[np.ndarray, np.ndarray, MelBands]:
+    """Return ``(povey float64 (400,), povey zero-padded float64 (512,), MelBands, 257 bins)``."""
     n = np.arange(FRAME_LENGTH, dtype=np.float64)
     povey = (0.5 - 0.5 * np.cos(2.0 * np.pi * n / (FRAME_LENGTH - 1))) ** 0.85  # symmetric
-    povey.setflags(write=False)
-    return povey, MelBands(kaldi_mel_filterbank(FFT_LENGTH // 2 + 1, num_mels, sample_rate))
+    padded = np.zeros(FFT_LENGTH, dtype=np.float64)
+    padded[:FRAME_LENGTH] = povey
+    return povey, padded, MelBands(kaldi_mel_filterbank(FFT_LENGTH // 2 + 1, num_mels, sample_rate))
 
 
 def num_fbank_frames(num_samples: int) -> int:
@@ -192,10 +196,10 @@ def fbank_batch(signals: Sequence[np.ndarray], num_mels: int = 80, sample_rate: 
         One ``float32 (num_frames, num_mels)`` natural-log mel power (int16-scaled audio)
         per utterance; ``num_frames = num_fbank_frames(num_samples)``.
     """
-    window, bands = _tables(num_mels, sample_rate)
+    window, window512, bands = _tables(num_mels, sample_rate)
     counts = [num_fbank_frames(np.asarray(x).shape[0]) for x in signals]
     outs = [np.empty((c, num_mels), dtype=np.float32) for c in counts]
-    pre: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = []
+    pre: list[tuple[np.ndarray, np.ndarray] | None] = []
     for x, c in zip(signals, counts):
         if c == 0:
             pre.append(None)
@@ -205,25 +209,26 @@ def fbank_batch(signals: Sequence[np.ndarray], num_mels: int = 80, sample_rate: 
         g[0] = x[0]
         np.multiply(x[:-1], PREEMPHASIS, out=g[1:])
         np.subtract(x[1:], g[1:], out=g[1:])
-        starts = np.arange(c) * HOP_LENGTH
-        csum = np.concatenate([[0.0], np.cumsum(x)])
-        means = (csum[starts + FRAME_LENGTH] - csum[starts]) / FRAME_LENGTH
-        offset = (1.0 - PREEMPHASIS) * means  # pre-emphasis of the frame's DC
-        first = (1.0 - PREEMPHASIS) * x[starts]  # buf[0] *= (1 - 0.97), before DC removal
+        # Frame means from 80-sample block sums: frame i covers blocks 2i .. 2i+4.
+        blocks = x[: (x.shape[0] // 80) * 80].reshape(-1, 80).sum(axis=1)
+        csum = np.concatenate([[0.0], np.cumsum(blocks)])
+        starts = 2 * np.arange(c)
+        offset = (1.0 - PREEMPHASIS) / FRAME_LENGTH * (csum[starts + 5] - csum[starts])
         view = np.lib.stride_tricks.sliding_window_view(g, FRAME_LENGTH)[::HOP_LENGTH][:c]
-        pre.append((view, offset, first))
+        pre.append((view, offset))
     size = min(CHUNK_FRAMES, max(sum(counts), 1))
     buf = np.zeros((size, FFT_LENGTH), dtype=np.float64)
-    frame = buf[:, :FRAME_LENGTH]
+    offsets = np.empty(size, dtype=np.float64)
     mel = np.empty((size, num_mels), dtype=np.float32)
     for block in frame_chunks(counts, CHUNK_FRAMES):
         rows = block[-1][3] + block[-1][2]
         for idx, start, take, row in block:
-            view, offset, first = pre[idx]  # type: ignore[misc]
-            dst = frame[row : row + take]
-            np.subtract(view[start : start + take], offset[start : start + take, None], out=dst)
-            dst[:, 0] = first[start : start + take] - offset[start : start + take]
-            dst *= window
+            view, offset = pre[idx]  # type: ignore[misc]
+            np.multiply(view[start : start + take], window, out=buf[row : row + take, :FRAME_LENGTH])
+            offsets[row : row + take] = offset[start : start + take]
+        # Remove the pre-emphasized DC of each frame: buf -= offsets (x) window, one BLAS
+        # rank-1 update on the Fortran-ordered transpose (in place).
+        _blas_dger(-1.0, window512, offsets[:rows], a=buf[:rows].T, overwrite_a=True)
         spec = scipy.fft.rfft(buf[:rows], axis=1, workers=1).astype(np.complex64)
         bands.power_mel(spec, mel[:rows])
         np.maximum(mel[:rows], np.float32(MEL_FLOOR), out=mel[:rows])

@@ -1,0 +1,67 @@
+"""Sensors: ``manifest_sensor`` notices new, changed or removed manifests and asks for the record
+cache; the feature assets follow through their eager automation condition, evaluated by
+``feature_automation_sensor``.
+
+The cursor is one digest per manifest root (``{root: sha256}``), never a file list, and a tick
+only stats files (no manifest is read), so it stays fast with thousands of manifest files.
+"""
+
+import hashlib
+import json
+
+import dagster as dg
+
+from asr_assets.manifests import manifest_fingerprint
+from asr_assets.settings import SPLITS
+
+from .assets import MANIFESTS_KEY, record_cache
+from .resources import AsrAssetsConfig
+
+
+def manifests_version(digests: dict) -> str:
+    """One version string for all roots (the ``manifests`` data version and run-key suffix)."""
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dg.sensor(
+    name="manifest_sensor",
+    target=dg.AssetSelection.assets(record_cache),
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Requests record_cache for every split when a manifest root gains, changes or loses a manifest file.",
+)
+def manifest_sensor(context: dg.SensorEvaluationContext, asr_config: AsrAssetsConfig) -> dg.SensorResult:
+    settings = asr_config.settings()
+    roots = [*settings.manifests, *settings.validation_manifests]
+    fingerprints = {root: manifest_fingerprint(root) for root in roots}
+    digests = {root: fp["digest"] for root, fp in fingerprints.items()}
+    previous = json.loads(context.cursor) if context.cursor else {}
+    if digests == previous:
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"no new, changed or removed manifests in {len(roots)} roots"))
+    changed = sorted(r for r in set(digests) | set(previous) if digests.get(r) != previous.get(r))
+    version = manifests_version(digests)
+    context.log.info(f"manifests changed in {changed}; requesting record_cache for {list(SPLITS)} (version {version})")
+    # Any split may hold rows of a changed manifest (splits are hashed per speaker), so every
+    # split is rebuilt; its data version changes only if its records did, which is what marks
+    # feature partitions stale.
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(partition_key=split, run_key=f"record_cache:{split}:{version}",
+                                    tags={"asr/split": split, "asr/manifests_version": version}) for split in SPLITS],
+        asset_events=[dg.AssetObservation(
+            asset_key=MANIFESTS_KEY,
+            metadata={"roots": dg.MetadataValue.json(fingerprints), "changed_roots": dg.MetadataValue.json(changed)},
+            tags={"dagster/data_version": version},
+        )],
+        cursor=json.dumps(digests, sort_keys=True),
+    )
+
+
+def build_automation_sensor(feature_assets) -> dg.AutomationConditionSensorDefinition:
+    """Evaluates the feature assets' eager condition: after ``record_cache[split]`` updates, the
+    split's shards are requested as a backfill (one run per 64 shards, see the backfill policy)."""
+    return dg.AutomationConditionSensorDefinition(
+        "feature_automation_sensor",
+        target=dg.AssetSelection.assets(*feature_assets),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=30,
+    )
