@@ -3,6 +3,7 @@
     asr-assets materialize [--manifests PATH]... [--output DIR] [--frontend NAME]... [--workers N]
                            [--source-base DIR] [--no-ffmpeg-fallback] [--fail-fast]
     asr-assets frontends
+    asr-assets compact [--output DIR] [--frontend NAME]... [--split SPLIT]...
 
 ``materialize`` runs the whole graph through Dagster against the instance in ``DAGSTER_HOME``
 (default ``./dagster_home``): one run per split of ``record_cache``, then one run per split
@@ -40,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     mat.add_argument("--no-ffmpeg-fallback", action="store_true", help="decode with libsndfile only (no PyAV)")
     mat.add_argument("--fail-fast", action="store_true", help="fail the run on the first utterance that cannot be featurized")
     sub.add_parser("frontends", help="list the registered frontends with their cache hash")
+    comp = sub.add_parser("compact", help="merge each shard's parts into one (newest row per key, tombstones dropped)")
+    comp.add_argument("--output", metavar="DIR", help="output root (default: $ASR_ASSETS_OUTPUT or artifacts/)")
+    comp.add_argument("--frontend", action="append", metavar="NAME", help="frontend; repeatable (default: the enabled ones)")
+    comp.add_argument("--split", action="append", choices=SPLITS, help="split; repeatable (default: all)")
     return parser
 
 
@@ -133,12 +138,38 @@ def main(argv: list[str] | None = None) -> int:
             fe = get_frontend(name)
             print(f"{name:<16} dim {fe.feature_dim:<5} hash {fe.frontend_hash()}")
         return 0
+    if args.command == "compact":
+        return compact(args)
     try:
         settings = _settings(args)
     except (AsrAssetsError, ValueError) as exc:
         print(f"asr-assets: error: {exc}", file=sys.stderr)
         return 2
     return materialize(settings)
+
+
+def compact(args: argparse.Namespace) -> int:
+    """``asr-assets compact``: one part per shard and frontend; safe while readers run."""
+    from .feature_cache import compact_shard
+    from .frontends import get_frontend
+
+    try:
+        settings = Settings.from_env(output=args.output, frontends=args.frontend)
+        frontends = [get_frontend(name) for name in settings.frontends]
+    except (AsrAssetsError, ValueError) as exc:
+        print(f"asr-assets: error: {exc}", file=sys.stderr)
+        return 2
+    for frontend in frontends:
+        for split in args.split or SPLITS:
+            root = settings.feature_split_root(split)
+            totals = {"parts_before": 0, "parts_after": 0, "rows_before": 0, "rows_after": 0, "tombstones_dropped": 0}
+            for shard in range(settings.num_shards):
+                if (root / "feature_shards" / f"features_{shard:02d}").is_dir():
+                    for k, v in compact_shard(root, shard, frontend.frontend_hash()).items():
+                        totals[k] += v
+            print(f"{frontend.name}[{split}]: parts {totals['parts_before']} -> {totals['parts_after']}, "
+                  f"rows {totals['rows_before']} -> {totals['rows_after']}, tombstones dropped {totals['tombstones_dropped']}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -55,8 +55,8 @@ def py_float(value: float) -> str:
         return "NaN"
     if math.isinf(v):
         return "inf" if v > 0 else "-inf"
-    a = abs(float(v))
-    if a == 0.0 or 1e-4 <= a < 1e16:
+    a = np.abs(v)  # compared in f32, as Rust ``already_rounded_value_should_use_exponential``
+    if a == 0 or np.float32(1e-4) <= a < np.float32(1e16):
         text = np.format_float_positional(v, unique=True, trim="-")
     else:
         sci = np.format_float_scientific(v, unique=True, trim="-")  # e.g. "1.5e-07", "1e+16"

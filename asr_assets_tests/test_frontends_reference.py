@@ -1,0 +1,96 @@
+"""Numerical agreement of the upstream frontends with reference implementations on real speech.
+
+The references were computed once by ``scripts/make_reference_vectors.py`` (torch/torchaudio and
+transformers in a scratch venv) and are stored in ``asr_assets_tests/data/ref_*.npz`` with the
+exact 16 kHz input, so these tests need neither torch nor transformers:
+
+* squeezeformer / zipformer vs upstream ``AudioFeaturizer`` on torchaudio ``MelSpectrogram``
+  (HTK, norm=None, centre, reflect, power 2): 99.9th percentile |diff| <= 2e-3, max <= 0.05;
+* w2v-bert vs HF ``SeamlessM4TFeatureExtractor(padding_value=1.0)``: p99.9 <= 1e-3, max <= 0.02.
+
+A lighter independent reference, librosa ``melspectrogram(htk=True, norm=None, center=True,
+pad_mode="reflect", power=2)``, is run live on the JFK clip when librosa is installed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asr_assets.frontends import get_frontend
+
+DATA = Path(__file__).resolve().parent / "data"
+CLIPS = sorted(p.stem.removeprefix("ref_") for p in DATA.glob("ref_*.npz"))
+LIMITS = {"squeezeformer": (2e-3, 0.05), "zipformer": (2e-3, 0.05), "w2v-bert": (1e-3, 0.02)}
+
+
+def load(clip: str) -> dict[str, np.ndarray]:
+    with np.load(DATA / f"ref_{clip}.npz") as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def agreement(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
+    return float(np.percentile(diff, 99.9)), float(diff.max())
+
+
+def test_reference_set_is_complete_and_small():
+    assert len(CLIPS) >= 5, CLIPS
+    assert any("8k" in c for c in CLIPS) and any("nl_cv" in c for c in CLIPS)
+    assert sum(p.stat().st_size for p in DATA.glob("ref_*.npz")) < 3.3e6
+
+
+@pytest.mark.parametrize("name", ["squeezeformer", "zipformer", "w2v-bert"])
+@pytest.mark.parametrize("clip", CLIPS)
+def test_agreement_with_reference(clip, name):
+    ref = load(clip)
+    ours = get_frontend(name)(ref["samples"], 16000)
+    expected = ref[name.replace("-", "_")]
+    p999_limit, max_limit = LIMITS[name]
+    if name == "squeezeformer":
+        # Constant columns (all frames at the log floor, e.g. > 4 kHz of 8 kHz audio): we give
+        # exactly 0; torch's float32 mean is off by an ulp and its 1e-5 std floor turns that
+        # into a constant |v| ~ 0.1. Check those columns separately.
+        constant = np.all(ours == 0.0, axis=0)
+        if constant.any():
+            assert np.all(np.abs(expected[:, constant]) < 0.1)
+            assert np.all(np.ptp(expected[:, constant], axis=0) == 0.0)
+            ours, expected = ours[:, ~constant], expected[:, ~constant]
+    p999, worst = agreement(ours, expected)
+    assert p999 <= p999_limit and worst <= max_limit, f"{clip}/{name}: p99.9={p999:.2e} max={worst:.2e}"
+
+
+def test_band_limited_clip_has_constant_columns():
+    """The 8 kHz clip upsampled to 16 kHz: squeezeformer bands above 4 kHz normalize to 0."""
+    clip = next(c for c in CLIPS if "8k" in c)
+    ours = get_frontend("squeezeformer")(load(clip)["samples"], 16000)
+    constant = np.all(ours == 0.0, axis=0)
+    assert constant[-10:].all() and not constant[:40].any()
+
+
+def _librosa_logmel(x: np.ndarray, preemphasis: float, normalize: bool) -> np.ndarray:
+    librosa = pytest.importorskip("librosa")
+    x = x.astype(np.float64)
+    if normalize:
+        x = x - x.mean()
+        x = x / max(np.abs(x).max(), 1e-6)
+    if preemphasis > 0:
+        x = np.concatenate([x[:1], x[1:] - preemphasis * x[:-1]])
+    mel = librosa.feature.melspectrogram(
+        y=x, sr=16000, n_fft=400, hop_length=160, win_length=400, window="hann", n_mels=80,
+        htk=True, norm=None, center=True, pad_mode="reflect", power=2.0, fmin=0.0, fmax=8000.0,
+    )
+    feats = np.log(np.maximum(mel, 1e-5)).T
+    if normalize:
+        feats = (feats - feats.mean(0)) / np.maximum(feats.std(0), 1e-5)
+    return feats
+
+
+@pytest.mark.parametrize("name, preemphasis, normalize", [("squeezeformer", 0.97, True), ("zipformer", 0.0, False)])
+def test_agreement_with_librosa_on_jfk(name, preemphasis, normalize):
+    x = load("jfk16k")["samples"]
+    p999, worst = agreement(get_frontend(name)(x, 16000), _librosa_logmel(x, preemphasis, normalize))
+    assert p999 <= 2e-3 and worst <= 0.05, f"{name}: p99.9={p999:.2e} max={worst:.2e}"
