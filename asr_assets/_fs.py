@@ -51,3 +51,37 @@ def file_lock(path: Path) -> Iterator[None]:
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(directory: Path) -> int:
+    """Delete temporary files (``*.tmp*.<pid>``) of writers that no longer run; returns how many.
+
+    Files of live processes are kept (they may be mid-write). Readers never list temporary
+    files, so this is housekeeping, not a correctness step.
+    """
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if ".tmp" not in entry.name:
+            continue
+        pid = entry.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            try:
+                os.remove(entry.path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed

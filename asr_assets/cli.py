@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     mat.add_argument("--workers", type=int, help="feature-extraction processes (default: every core)")
     mat.add_argument("--source-base", metavar="DIR", help="base folder of relative audio paths instead of each manifest root")
     mat.add_argument("--no-ffmpeg-fallback", action="store_true", help="decode with libsndfile only (no PyAV)")
+    mat.add_argument("--confine-audio", action="append", nargs="?", const="", metavar="DIR",
+                     help="refuse audio outside the manifest roots (or outside DIR; repeatable) and report it")
     mat.add_argument("--fail-fast", action="store_true", help="fail the run on the first utterance that cannot be featurized")
     sub.add_parser("frontends", help="list the registered frontends with their cache hash")
     comp = sub.add_parser("compact", help="merge each shard's parts into one (newest row per key, tombstones dropped)")
@@ -56,6 +58,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         manifests=args.manifests, validation_manifests=args.validation_manifests, output=args.output, frontends=args.frontend, workers=args.workers,
         source_base=args.source_base, ffmpeg_fallback=False if args.no_ffmpeg_fallback else None,
         fail_fast=True if args.fail_fast else None,
+        confine_audio_paths=True if args.confine_audio else None,
+        allowed_audio_roots=tuple(d for d in (args.confine_audio or []) if d) or None,
     )
     for source in (*settings.manifests, *settings.validation_manifests):
         discover_manifests(source)  # raises ManifestError naming the source

@@ -26,9 +26,10 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from ._fs import remove_stale_tmp
 from .audio import DecodeConfig, load_audio
 from .errors import AsrAssetsError
-from .feature_cache import ShardWriter, ShardedParquetFeatureCache, cache_key, encode_payload, shard_index, shard_lock
+from .feature_cache import ShardWriter, ShardedParquetFeatureCache, cache_key, encode_payload, shard_dir, shard_index, shard_lock
 from .frontends import Frontend
 from .record_cache import RecordStore
 
@@ -201,6 +202,7 @@ def _extract_locked(plan, split_root, frontend: Frontend, fhash: str, config: Ex
     todo: list[_Task] = []
     orphans: dict[int, list[str]] = {}
     for shard, tasks in plan.items():
+        remove_stale_tmp(shard_dir(split_root, shard))  # left by killed writers
         present = reader.keys(shard, frontend_hash=fhash)
         wanted = {task.key for task in tasks}
         orphans[shard] = sorted(present - wanted)  # records gone from the record cache

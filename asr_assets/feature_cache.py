@@ -79,6 +79,31 @@ def decode_payload(payload: bytes) -> np.ndarray:
     return np.frombuffer(payload, dtype="<f4", offset=_HEADER.size).reshape(rows, cols).astype(np.float32)
 
 
+def decode_legacy_torch_payload(payload: bytes) -> np.ndarray:
+    """Read an upstream Python ``torch.save`` payload without executing pickled code.
+
+    Uses ``torch.load(weights_only=True)`` (tensors and plain containers only) when torch is
+    installed; never falls back to unpickling. Returns float32 ``[frames, dims]``.
+
+    Raises:
+        CacheCorruptError: torch is not installed, or the payload is not a plain 2-D tensor.
+    """
+    try:
+        import torch
+    except ImportError as exc:
+        raise CacheCorruptError("legacy torch.save payload (not SFCF32L1); install torch to read it with "
+                                "torch.load(weights_only=True) - it is never unpickled otherwise") from exc
+    import io
+
+    try:
+        value = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses arbitrary objects
+        raise CacheCorruptError(f"legacy payload refused by torch.load(weights_only=True): {exc}") from exc
+    if not isinstance(value, torch.Tensor) or value.ndim != 2:
+        raise CacheCorruptError(f"legacy payload is not a 2-D tensor: {type(value).__name__}")
+    return value.detach().to(torch.float32).numpy()
+
+
 def list_parts(directory: Path) -> list[Path]:
     """Committed parts of a shard, oldest first by ``(st_mtime_ns, name)``."""
     try:
@@ -274,7 +299,9 @@ class ShardedParquetFeatureCache:
                 if attempt == 2:
                     raise
                 continue
-            return None if payload is None else decode_payload(payload)
+            if payload is None:
+                return None
+            return decode_payload(payload) if payload[:8] == MAGIC else decode_legacy_torch_payload(payload)
         return None
 
     def load(self, utterance_id: str, frontend="squeezeformer") -> np.ndarray | None:
@@ -285,7 +312,8 @@ class ShardedParquetFeatureCache:
             frontend: registry name (``"squeezeformer"``), a Frontend object, or its hash12.
 
         Raises:
-            CacheCorruptError: the stored payload is not a valid SFCF32L1 payload.
+            CacheCorruptError: the stored payload is neither valid SFCF32L1 nor (with torch
+                installed) a plain tensor saved by upstream's Python writer.
         """
         return self.load_key(self.key(utterance_id, frontend))
 

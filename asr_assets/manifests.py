@@ -21,7 +21,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -138,9 +138,12 @@ def _read_batches(path: Path) -> Iterator[pa.RecordBatch]:
             # durations are parsed per cell, so one bad cell costs one row. Quote char '"' as upstream.
             with open(path, "rb") as handle:
                 header = handle.readline().decode("utf-8-sig").rstrip("\r\n").split("\t")
+            # A block must hold the longest row: one block for files up to 256 MiB, so a 10 MB
+            # transcript cell never splits across blocks.
+            block_size = max(1 << 22, min(path.stat().st_size + 1, 1 << 28))
             reader = pacsv.open_csv(
                 path,
-                read_options=pacsv.ReadOptions(block_size=1 << 22),
+                read_options=pacsv.ReadOptions(block_size=block_size),
                 parse_options=pacsv.ParseOptions(delimiter="\t", quote_char='"'),
                 convert_options=pacsv.ConvertOptions(
                     column_types={name: pa.string() for name in header},
@@ -173,13 +176,18 @@ def _rows_of_batch(batch: pa.RecordBatch) -> Iterator[dict]:
 
 
 def iter_manifest_rows(
-    sources: Sequence[str | os.PathLike], *, source_base: str | os.PathLike | None = None
+    sources: Sequence[str | os.PathLike],
+    *,
+    source_base: str | os.PathLike | None = None,
+    on_error: Callable[[str, int, ManifestError], None] | None = None,
 ) -> Iterator[ManifestRow]:
     """Stream every row of every source, sources in the given order (duplicates removed).
 
     Args:
         sources: manifest files or folders.
         source_base: if set, the base of every relative audio path instead of each root.
+        on_error: called as ``on_error(manifest_path, rows_read, error)`` when one manifest file
+            cannot be parsed; reading goes on with the next file. Without it the error is raised.
 
     Yields:
         :class:`ManifestRow` per row. Audio resolution (spec §2.3): a non-empty ``path`` wins and
@@ -198,10 +206,17 @@ def iter_manifest_rows(
         base = Path(source_base).resolve() if source_base else (root if root.is_dir() else root.parent)
         counter = 0
         for manifest in files:
-            for batch in _read_batches(manifest):
-                for cells in _rows_of_batch(batch):
-                    counter += 1
-                    yield _make_row(cells, str(root), str(manifest), counter, base)
+            read = 0
+            try:
+                for batch in _read_batches(manifest):
+                    for cells in _rows_of_batch(batch):
+                        counter += 1
+                        read += 1
+                        yield _make_row(cells, str(root), str(manifest), counter, base)
+            except ManifestError as exc:
+                if on_error is None:
+                    raise
+                on_error(str(manifest), read, exc)
 
 
 def _make_row(cells: dict, source: str, manifest: str, counter: int, base: Path) -> ManifestRow:

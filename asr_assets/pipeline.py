@@ -88,9 +88,14 @@ def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], N
             sources, fixed_split = settings.validation_manifests, "validation"
     rejections: list[Rejection] = []
 
+    def manifest_failed(manifest: str, rows_read: int, error: Exception) -> None:
+        rejections.append(Rejection(None, split, manifest, manifest, rows_read + 1, None, "manifest",
+                                    f"manifest file unreadable after {rows_read} rows: {error}"))
+
     def accepted() -> Iterable[Record]:
-        rows = iter_manifest_rows(sources, source_base=settings.source_base)
-        for item in build_records(rows, config, probe_duration=_probe, splits=[split], fixed_split=fixed_split):
+        rows = iter_manifest_rows(sources, source_base=settings.source_base, on_error=manifest_failed)
+        for item in build_records(rows, config, probe_duration=_probe, splits=[split], fixed_split=fixed_split,
+                                  allowed_audio_roots=settings.audio_roots()):
             if isinstance(item, Rejection):
                 rejections.append(item)
             else:

@@ -16,7 +16,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 from .errors import ConfigError
 from .manifests import ManifestRow
@@ -94,9 +94,10 @@ class Record:
 
 @dataclass(frozen=True)
 class Rejection:
-    """A manifest row that does not become a record: which row, where, and why."""
+    """A manifest row (or, with ``utterance_id`` None, a whole manifest file) that does not
+    become a record: which row, where, and why."""
 
-    utterance_id: str
+    utterance_id: str | None
     split: str
     source: str
     manifest_path: str
@@ -154,6 +155,13 @@ def _audio_readable(row: ManifestRow) -> bool:
     return path is not None and (path.startswith(("http://", "https://")) or os.path.isfile(path))
 
 
+def _inside(path: str, roots: Sequence[str]) -> bool:
+    if path.startswith(("http://", "https://")):
+        return False
+    real = os.path.realpath(path)
+    return any(os.path.commonpath([real, root]) == root for root in roots)
+
+
 def _filter(transcript: str, duration: float, config: RecordConfig) -> str | None:
     if duration < config.min_audio_duration_s:
         return f"duration {duration:.6g} s < min {config.min_audio_duration_s} s"
@@ -184,6 +192,7 @@ def build_records(
     probe_duration: Callable[[ManifestRow], float] | None = None,
     splits: Iterable[str] = SPLITS,
     fixed_split: str | None = None,
+    allowed_audio_roots: Sequence[str] | None = None,
 ) -> Iterator[Record | Rejection]:
     """Turn manifest rows into records of the requested splits, streamed in manifest order.
 
@@ -202,6 +211,10 @@ def build_records(
         splits: the splits to produce.
         fixed_split: put every row in this split instead of hashing (upstream's external
             validation sources, ``--validation-dataset-source``).
+        allowed_audio_roots: if given, an audio path must resolve (symlinks followed, ``..``
+            collapsed) inside one of these folders, and URLs are refused; other rows are rejected
+            as "outside allowed roots" (hostile or mistaken manifests cannot make the pipeline read
+            ``/etc/passwd`` or a network share).
 
     Filters run in upstream order: transcript, audio source, duration, duration bounds,
     transcript length, symbol ratio, alphanumeric, alignment bounds. A second row with an
@@ -209,6 +222,7 @@ def build_records(
     """
     wanted = set(splits)
     seen_ids: set[str] = set()
+    roots = [os.path.realpath(r) for r in allowed_audio_roots] if allowed_audio_roots is not None else None
     for row in rows:
         utterance_id = row.utterance_id or row.audio_path or str(row.row_number)
         split = fixed_split or assign_split(row.speaker_id or utterance_id, config)
@@ -225,6 +239,9 @@ def build_records(
             continue
         if row.audio_path is None and not row.audio_bytes:
             yield reject("manifest", "no audio source (neither path nor embedded bytes)")
+            continue
+        if roots is not None and row.audio_path is not None and not _inside(row.audio_path, roots):
+            yield reject("manifest", f"audio path {row.audio_path!r} is outside the allowed roots {roots}")
             continue
         if config.require_audio_bytes and not row.audio_bytes:
             yield reject("manifest", "no embedded audio bytes (require_audio_bytes)")

@@ -14,6 +14,7 @@ variable                   meaning                                             d
 ``ASR_ASSETS_OUTPUT``      output root                                         ``artifacts/``
 ``ASR_ASSETS_FRONTENDS``   comma list of frontends                             ``squeezeformer``
 ``ASR_ASSETS_WORKERS``     feature-extraction processes                        every core
+``ASR_ASSETS_CONFINE_AUDIO`` ``1``: audio paths must stay inside the roots       off
 =========================  ==================================================  ===========================
 
 Output layout under ``output``::
@@ -61,6 +62,9 @@ class Settings:
         max_decode_s: audio longer than this (seconds) is refused before it is held in memory.
         fail_fast: stop at the first failing utterance instead of reporting it.
         require_readable_audio: drop rows whose audio file does not exist (reported).
+        confine_audio_paths: accept only audio paths inside ``allowed_audio_roots`` (default: the
+            manifest roots; a manifest file's root is its folder); the rest is reported.
+        allowed_audio_roots: folders audio may come from when ``confine_audio_paths`` is set.
     """
 
     manifests: tuple[str, ...] = field(default_factory=lambda: tuple(bundled_sample_manifests()))
@@ -75,6 +79,8 @@ class Settings:
     max_decode_s: float = 60.0
     fail_fast: bool = False
     require_readable_audio: bool = True
+    confine_audio_paths: bool = False
+    allowed_audio_roots: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.manifests:
@@ -97,6 +103,8 @@ class Settings:
             values["output"] = env["ASR_ASSETS_OUTPUT"]
         if env.get("ASR_ASSETS_FRONTENDS"):
             values["frontends"] = tuple(f.strip() for f in env["ASR_ASSETS_FRONTENDS"].split(",") if f.strip())
+        if env.get("ASR_ASSETS_CONFINE_AUDIO"):
+            values["confine_audio_paths"] = env["ASR_ASSETS_CONFINE_AUDIO"].lower() in ("1", "true", "yes")
         if env.get("ASR_ASSETS_WORKERS"):
             try:
                 values["workers"] = int(env["ASR_ASSETS_WORKERS"])
@@ -124,6 +132,15 @@ class Settings:
 
     def features_report_path(self, frontend: str, split: str, shard: int) -> Path:
         return self.output_path / "reports" / frontend / split / f"shard_{shard:02d}.jsonl"
+
+    def audio_roots(self) -> tuple[str, ...] | None:
+        """Folders audio paths must stay in, or None when paths are not confined."""
+        if not self.confine_audio_paths:
+            return None
+        if self.allowed_audio_roots:
+            return self.allowed_audio_roots
+        roots = (*self.manifests, *self.validation_manifests)
+        return tuple(str(Path(r).resolve() if Path(r).is_dir() else Path(r).resolve().parent) for r in roots)
 
     @property
     def effective_workers(self) -> int:

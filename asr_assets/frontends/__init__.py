@@ -151,7 +151,7 @@ def register_frontend(
         feature_dim: columns per frame; checked on every output when given.
         sample_rate: rate in Hz ``fn`` expects; input at other rates is resampled.
         min_num_samples: shortest valid input in samples at ``sample_rate``.
-        frames_fn: optional exact ``num_samples -> num_frames``.
+        frames_fn: optional exact ``num_samples -> num_frames`` (module-level too).
         replace: allow redefining an existing name.
 
     Returns:
