@@ -25,7 +25,7 @@ import struct
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa

@@ -11,6 +11,7 @@ supplies durations for manifests without a duration column (real Common Voice).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -230,8 +231,7 @@ def build_records(
             continue
         audio_source = row.audio_path if row.audio_path is not None else ("<embedded bytes>" if row.audio_bytes else None)
 
-        def reject(stage: str, reason: str) -> Rejection:
-            return Rejection(utterance_id, split, row.source, row.manifest_path, row.row_number, audio_source, stage, reason)
+        reject = functools.partial(Rejection, utterance_id, split, row.source, row.manifest_path, row.row_number, audio_source)
 
         transcript = normalize_transcript(row.transcript, lowercase=config.lowercase) if row.transcript else ""
         if not transcript:

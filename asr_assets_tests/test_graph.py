@@ -16,7 +16,6 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
 from asr_assets import compute_features
 from asr_assets.audio import load_audio

@@ -6,7 +6,6 @@ JSONL and offsets intact."""
 
 from __future__ import annotations
 
-import io
 import multiprocessing
 import os
 import pickle

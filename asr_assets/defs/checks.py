@@ -18,7 +18,7 @@ from asr_assets.feature_cache import CacheCorruptError, ShardedParquetFeatureCac
 from asr_assets.frontends import get_frontend
 from asr_assets.record_cache import RecordStore, record_store_is_valid
 
-from .assets import feature_asset_name, record_cache
+from .assets import record_cache
 from .partitions import feature_partitions, parse_feature_partition_key, split_partitions
 from .resources import AsrAssetsConfig
 

@@ -16,9 +16,9 @@ pad to an even frame count with ``padding_value`` and stack frame pairs into 160
 
 Implementation notes (batched; float64 up to the FFT, float32 after it, see
 :func:`fbank_batch`): per-frame DC removal and pre-emphasis are linear, so a frame equals
-``w * (g[s:s+400] - 0.03 * mean(x[s:s+400]))`` where ``g`` is the pre-emphasis of the whole
-signal. Sample 0 of a frame should be ``0.03 * (x[s] - mean)`` instead of ``g[s] - 0.03 * mean``,
-but the Povey window is exactly 0 there, so both give 0. The DC term is removed with one BLAS
+``w * (g[s:s+400] - 0.03 * mean(x[s:s+400]))`` where ``g[n] = x[n] - 0.97 x[n-1]`` is the
+pre-emphasis of the whole signal. Sample 0 of a frame should be ``0.03 * (x[s] - mean)`` instead
+of ``g[s] - 0.03 * mean``, but the Povey window is exactly 0 there, so both give 0. The DC term is removed with one BLAS
 rank-1 update per block.
 """
 
@@ -197,35 +197,44 @@ def fbank_batch(signals: Sequence[np.ndarray], num_mels: int = 80, sample_rate: 
         per utterance; ``num_frames = num_fbank_frames(num_samples)``.
     """
     window, window512, bands = _tables(num_mels, sample_rate)
-    counts = [num_fbank_frames(np.asarray(x).shape[0]) for x in signals]
+    xs = [np.asarray(x, dtype=np.float32) for x in signals]
+    counts = [num_fbank_frames(x.shape[0]) for x in xs]
     outs = [np.empty((c, num_mels), dtype=np.float32) for c in counts]
-    pre: list[tuple[np.ndarray, np.ndarray] | None] = []
-    for x, c in zip(signals, counts):
+    offsets_by_utt: list[np.ndarray | None] = []
+    for x, c in zip(xs, counts):
         if c == 0:
-            pre.append(None)
+            offsets_by_utt.append(None)
             continue
-        x = np.asarray(x, dtype=np.float64) * INT16_SCALE
-        g = np.empty_like(x)  # whole-signal pre-emphasis
-        g[0] = x[0]
-        np.multiply(x[:-1], PREEMPHASIS, out=g[1:])
-        np.subtract(x[1:], g[1:], out=g[1:])
-        # Frame means from 80-sample block sums: frame i covers blocks 2i .. 2i+4.
-        blocks = x[: (x.shape[0] // 80) * 80].reshape(-1, 80).sum(axis=1)
+        # Frame means from 80-sample block sums (float64): frame i covers blocks 2i .. 2i+4.
+        blocks = x[: (x.shape[0] // 80) * 80].reshape(-1, 80).sum(axis=1, dtype=np.float64)
         csum = np.concatenate([[0.0], np.cumsum(blocks)])
         starts = 2 * np.arange(c)
-        offset = (1.0 - PREEMPHASIS) / FRAME_LENGTH * (csum[starts + 5] - csum[starts])
-        view = np.lib.stride_tricks.sliding_window_view(g, FRAME_LENGTH)[::HOP_LENGTH][:c]
-        pre.append((view, offset))
+        scale = (1.0 - PREEMPHASIS) * INT16_SCALE / FRAME_LENGTH
+        offsets_by_utt.append(scale * (csum[starts + 5] - csum[starts]))
     size = min(CHUNK_FRAMES, max(sum(counts), 1))
+    # Reused scratch (float64): per segment, the int16-scaled samples and their pre-emphasis,
+    # so no per-utterance float64 copy is allocated (fresh pages cost a fault per 512 samples).
+    span = (size - 1) * HOP_LENGTH + FRAME_LENGTH
+    raw = np.empty(span + 1, dtype=np.float64)
+    emph = np.empty(span, dtype=np.float64)
     buf = np.zeros((size, FFT_LENGTH), dtype=np.float64)
     offsets = np.empty(size, dtype=np.float64)
     mel = np.empty((size, num_mels), dtype=np.float32)
     for block in frame_chunks(counts, CHUNK_FRAMES):
         rows = block[-1][3] + block[-1][2]
         for idx, start, take, row in block:
-            view, offset = pre[idx]  # type: ignore[misc]
-            np.multiply(view[start : start + take], window, out=buf[row : row + take, :FRAME_LENGTH])
-            offsets[row : row + take] = offset[start : start + take]
+            x = xs[idx]
+            a = start * HOP_LENGTH
+            b = (start + take - 1) * HOP_LENGTH + FRAME_LENGTH
+            seg = raw[: b - a + 1]
+            seg[0] = float(x[a - 1]) * INT16_SCALE if a > 0 else 0.0  # frame sample 0 has weight 0
+            np.multiply(x[a:b], INT16_SCALE, out=seg[1:])
+            g = emph[: b - a]
+            np.multiply(seg[:-1], PREEMPHASIS, out=g)
+            np.subtract(seg[1:], g, out=g)
+            view = np.lib.stride_tricks.sliding_window_view(g, FRAME_LENGTH)[::HOP_LENGTH]
+            np.multiply(view, window, out=buf[row : row + take, :FRAME_LENGTH])
+            offsets[row : row + take] = offsets_by_utt[idx][start : start + take]  # type: ignore[index]
         # Remove the pre-emphasized DC of each frame: buf -= offsets (x) window, one BLAS
         # rank-1 update on the Fortran-ordered transpose (in place).
         _blas_dger(-1.0, window512, offsets[:rows], a=buf[:rows].T, overwrite_a=True)
