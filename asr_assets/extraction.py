@@ -27,6 +27,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -259,25 +260,52 @@ def _extract_locked(plan, split_root, frontend: Frontend, fhash: str, config: Ex
     return stats
 
 
+_CRASHED = "worker process died (killed by a signal, e.g. a decoder crash) while decoding or featurizing this utterance"
+
+
+def _pool(workers: int, frontend: Frontend, decode: DecodeConfig) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"),
+                               initializer=_init_worker, initargs=(frontend, decode))
+
+
+def _isolated(task: _Task, frontend: Frontend, decode: DecodeConfig):
+    """Run one task alone in a fresh worker; a crash there is this task's own."""
+    with _pool(1, frontend, decode) as pool:
+        try:
+            return pool.submit(_featurize, task).result()
+        except BrokenProcessPool:
+            return None, 0.0, 0, "worker", _CRASHED, 0.0
+
+
 def _run(tasks: list[_Task], frontend: Frontend, decode: DecodeConfig, workers: int):
-    """Yield ``(task, result)`` in task order, with at most ``4 * workers`` in flight."""
-    if workers <= 1 or len(tasks) <= 1:
+    """Yield ``(task, result)`` in task order, with at most ``4 * workers`` in flight.
+
+    ``workers <= 1`` runs in this process (no crash isolation). Otherwise, when a worker dies
+    (segfault or OOM kill on hostile input), the utterances that were in flight are re-run one
+    by one in fresh workers, the culprit is reported as a failure, and the run goes on.
+    """
+    if workers <= 1:
         _STATE.update(frontend=frontend, decode=decode)
         for task in tasks:
             yield task, _featurize(task)
         return
-    context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
-                             initargs=(frontend, decode)) as pool:
-        window: deque = deque()
-        pending = iter(tasks)
-        for task in pending:
-            window.append((task, pool.submit(_featurize, task)))
-            if len(window) >= 4 * workers:
-                break
-        while window:
-            task, future = window.popleft()
-            yield task, future.result()
-            nxt = next(pending, None)
-            if nxt is not None:
-                window.append((nxt, pool.submit(_featurize, nxt)))
+    pending = deque(tasks)
+    while pending:
+        with _pool(min(workers, len(pending)), frontend, decode) as pool:
+            window: deque = deque()
+            while pending and len(window) < 4 * workers:
+                task = pending.popleft()
+                window.append((task, pool.submit(_featurize, task)))
+            while window:
+                task, future = window.popleft()
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    for suspect in [task, *(t for t, _ in window)]:
+                        yield suspect, _isolated(suspect, frontend, decode)
+                    window.clear()
+                    break  # a new pool for what is left
+                yield task, result
+                if pending:
+                    nxt = pending.popleft()
+                    window.append((nxt, pool.submit(_featurize, nxt)))

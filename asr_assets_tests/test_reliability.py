@@ -1,6 +1,7 @@
 """Reliability: SIGKILL at random moments then a re-run gives the records and features of an
 uninterrupted run; fail_fast; resource bombs are refused with bounded memory; two writers of one
-partition leave one consistent result; results do not depend on the number of workers; audio paths
+partition leave one consistent result; a worker that crashes costs one utterance, not the run;
+results do not depend on the number of workers; audio paths
 can be confined to the manifest roots; payloads are never unpickled; hostile transcripts keep the
 JSONL and offsets intact."""
 
@@ -26,7 +27,9 @@ import soundfile as sf
 from asr_assets import RecordStore, ShardedParquetFeatureCache
 from asr_assets.cli import main as cli_main
 from asr_assets.errors import CacheCorruptError
+from asr_assets.extraction import ExtractionConfig, extract_shards
 from asr_assets.feature_cache import cache_key, shard_dir, shard_index
+from asr_assets.frontends.logmel import SQUEEZEFORMER_CONFIG, LogMelFrontend
 from asr_assets.pipeline import build_feature_shards, build_record_cache
 from asr_assets.record_cache import record_store_is_valid
 from asr_assets.settings import SPLITS, Settings, bundled_sample_manifests
@@ -197,3 +200,27 @@ def test_hostile_transcripts_keep_jsonl_and_offsets_intact(tmp_path):
     assert [r["transcript"] for r in store] == [" ".join(w.split()) for w in weird]
     assert [r.utterance_id for r in result.rejections] == ["huge"]
     assert result.rejections[0].reason.startswith("transcript length 10485760")
+
+
+class CrashOnLongClips(LogMelFrontend):
+    """squeezeformer that dies with SIGSEGV on clips over 10 s, like a decoder crash on hostile input."""
+
+    def __call__(self, samples, sample_rate):
+        if len(samples) > 10 * sample_rate:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return super().__call__(samples, sample_rate)
+
+
+def test_a_crashing_worker_costs_one_utterance_not_the_run(tmp_path):
+    settings = Settings(manifests=tuple(bundled_sample_manifests()), output=str(tmp_path / "out"), workers=2)
+    for split in SPLITS:
+        build_record_cache(settings, split)
+    frontend = CrashOnLongClips("squeezeformer", SQUEEZEFORMER_CONFIG)
+    crashed, computed = [], 0
+    for split in SPLITS:
+        stats = extract_shards(RecordStore(settings.record_cache_path(split)), settings.feature_split_root(split),
+                               frontend, range(64), ExtractionConfig(workers=2))
+        crashed += [f.utterance_id for s in stats.values() for f in s.failures]
+        computed += sum(s.computed for s in stats.values())
+    assert crashed == ["jfk"]  # the only clip over 10 s
+    assert computed == 21

@@ -20,9 +20,10 @@ import numpy as np
 
 from asr_assets.errors import FeatureConfigError
 
-#: Frames processed per FFT/GEMM block. About 500-2,000 frames keeps the working set a few MB, which
-#: avoids the page-fault storm of whole-array processing of long audio (performance notes).
-CHUNK_FRAMES = 512
+#: Frames processed per FFT/GEMM block (packed across utterances). Small blocks keep the working
+#: set in L2 and avoid the page faults of whole-array processing of long audio (performance
+#: notes); 256 measured best or tied among 128-2,048 on this machine.
+CHUNK_FRAMES = 256
 
 #: float32 machine epsilon, used by the constant-column rule (see :func:`normalize_columns`).
 _EPS32 = float(np.finfo(np.float32).eps)

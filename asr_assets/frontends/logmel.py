@@ -191,7 +191,9 @@ def _num_frames(cfg: LogMelConfig, num_samples: int) -> int:
 
 
 def _prepare_signal(x: np.ndarray, cfg: LogMelConfig) -> np.ndarray:
-    """Signal normalization, pre-emphasis, right zero-pad and centre reflect-pad, in float32.
+    """Whole padded signal at once (reference for :class:`_Signal`, used by tests).
+
+    Signal normalization, pre-emphasis, right zero-pad and centre reflect-pad, in float32.
 
     Normalization and pre-emphasis are fused: with ``s = 1 / max(max|x - m|, 1e-6)``,
     ``y[n] = s * (x[n] - c * x[n-1]) - s * m * (1 - c)`` and ``y[0] = s * (x[0] - m)``; this
@@ -235,11 +237,76 @@ def _prepare_signal(x: np.ndarray, cfg: LogMelConfig) -> np.ndarray:
     return out
 
 
+class _Signal:
+    """Lazily evaluated padded signal of one utterance (upstream steps 2-5 before framing).
+
+    ``P[p]`` for ``0 <= p < length + 2 * pad`` is the normalized, pre-emphasized, zero-extended
+    (to ``length = max(n, n_fft, win_length)``) and reflect-padded signal. :meth:`fill` writes
+    any range of it into a reused scratch buffer, so no per-utterance copy is allocated.
+    """
+
+    __slots__ = ("x", "n", "length", "pad", "c", "norm", "scale", "mean")
+
+    def __init__(self, x: np.ndarray, cfg: LogMelConfig):
+        self.x = x
+        self.n = x.shape[0]
+        self.length = max(self.n, cfg.n_fft, cfg.win_length)
+        self.pad = cfg.n_fft // 2
+        self.c = float(cfg.preemphasis)
+        self.norm = bool(cfg.normalize_signal and self.n)
+        self.mean, self.scale = 0.0, 1.0
+        if self.norm:
+            self.mean = float(x.mean())
+            self.scale = 1.0 / max(float(x.max()) - self.mean, self.mean - float(x.min()), PEAK_FLOOR)
+
+    def _y(self, i0: int, i1: int, out: np.ndarray) -> None:
+        """``out[:i1 - i0] = y[i0:i1]`` for ``0 <= i0 <= i1 <= length`` (unpadded signal)."""
+        x, n, c = self.x, self.n, self.c
+        k = out[: i1 - i0]
+        lo, hi = max(i0, 1), min(i1, n)
+        if lo < hi:
+            seg = k[lo - i0 : hi - i0]
+            if c > 0:
+                np.multiply(x[lo - 1 : hi - 1], np.float32(-c), out=seg)
+                seg += x[lo:hi]
+            else:
+                seg[...] = x[lo:hi]
+            if self.norm:
+                seg *= np.float32(self.scale)
+                seg -= np.float32(self.scale * self.mean * (1.0 - c))
+        if i0 == 0 and i1 > 0 and n > 0:
+            k[0] = (float(x[0]) - self.mean) * self.scale if self.norm else x[0]
+        if i1 > n:
+            k[max(n, i0) - i0 :] = 0.0
+
+    def fill(self, a: int, b: int, out: np.ndarray) -> np.ndarray:
+        """Write ``P[a:b]`` into ``out[:b - a]`` and return that view."""
+        pad, length = self.pad, self.length
+        dst = out[: b - a]
+        left_end = min(b, pad)
+        if a < left_end:  # P[p] = y[pad - p]
+            i0, i1 = pad - left_end + 1, pad - a + 1
+            self._y(i0, i1, dst)
+            dst[: i1 - i0] = dst[: i1 - i0][::-1].copy()
+        p0, p1 = max(a, pad), min(b, pad + length)
+        if p0 < p1:
+            self._y(p0 - pad, p1 - pad, dst[p0 - a :])
+        right_start = max(a, pad + length)
+        if right_start < b:  # P[p] = y[2 (length - 1) - (p - pad)]
+            i1 = 2 * (length - 1) - (right_start - pad) + 1
+            i0 = 2 * (length - 1) - (b - 1 - pad)
+            tail = dst[right_start - a :]
+            self._y(i0, i1, tail)
+            tail[: i1 - i0] = tail[: i1 - i0][::-1].copy()
+        return dst
+
+
 def logmel_batch(signals: Sequence[np.ndarray], cfg: LogMelConfig) -> list[np.ndarray]:
     """Compute HTK log-mel features for several utterances at ``cfg.sample_rate``.
 
     Frames of all utterances are packed into blocks of :data:`CHUNK_FRAMES`, each transformed by
-    one ``scipy.fft.rfft`` (workers=1) and one banded mel projection.
+    one ``scipy.fft.rfft`` (workers=1) and one banded mel projection; the padded signal of each
+    block is computed into a reused scratch buffer (no per-utterance copies).
 
     Args:
         signals: mono utterances, each ``float32 (num_samples,)`` in [-1, 1].
@@ -250,20 +317,20 @@ def logmel_batch(signals: Sequence[np.ndarray], cfg: LogMelConfig) -> list[np.nd
         standardized per column when ``cfg.normalize_feature``.
     """
     window, bands = _tables(cfg.n_fft, cfg.win_length, cfg.n_mels, cfg.sample_rate)
-    padded = [_prepare_signal(x, cfg) for x in signals]
-    counts = [_num_frames(cfg, np.asarray(x).shape[0]) for x in signals]
-    views = [
-        np.lib.stride_tricks.sliding_window_view(p, cfg.n_fft)[:: cfg.hop_length][:c]
-        for p, c in zip(padded, counts)
-    ]
+    sigs = [_Signal(np.asarray(x, dtype=np.float32), cfg) for x in signals]
+    counts = [_num_frames(cfg, s.n) for s in sigs]
     outs = [np.empty((c, cfg.n_mels), dtype=np.float32) for c in counts]
     size = min(CHUNK_FRAMES, max(sum(counts), 1))
+    scratch = np.empty((size - 1) * cfg.hop_length + cfg.n_fft, dtype=np.float32)
     buf = np.empty((size, cfg.n_fft), dtype=np.float32)
     mel = np.empty((size, cfg.n_mels), dtype=np.float32)
+    hop = cfg.hop_length
     for block in frame_chunks(counts, CHUNK_FRAMES):
         rows = block[-1][3] + block[-1][2]
         for idx, start, take, row in block:
-            np.multiply(views[idx][start : start + take], window, out=buf[row : row + take])
+            seg = sigs[idx].fill(start * hop, (start + take - 1) * hop + cfg.n_fft, scratch)
+            view = np.lib.stride_tricks.sliding_window_view(seg, cfg.n_fft)[::hop]
+            np.multiply(view, window, out=buf[row : row + take])
         spec = scipy.fft.rfft(buf[:rows], axis=1, workers=1)
         bands.power_mel(spec, mel[:rows])
         np.maximum(mel[:rows], np.float32(LOG_FLOOR), out=mel[:rows])

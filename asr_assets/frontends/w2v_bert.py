@@ -220,6 +220,7 @@ def fbank_batch(signals: Sequence[np.ndarray], num_mels: int = 80, sample_rate: 
     buf = np.zeros((size, FFT_LENGTH), dtype=np.float64)
     offsets = np.empty(size, dtype=np.float64)
     mel = np.empty((size, num_mels), dtype=np.float32)
+    spec = np.empty((size, FFT_LENGTH // 2 + 1), dtype=np.complex64)
     for block in frame_chunks(counts, CHUNK_FRAMES):
         rows = block[-1][3] + block[-1][2]
         for idx, start, take, row in block:
@@ -238,8 +239,8 @@ def fbank_batch(signals: Sequence[np.ndarray], num_mels: int = 80, sample_rate: 
         # Remove the pre-emphasized DC of each frame: buf -= offsets (x) window, one BLAS
         # rank-1 update on the Fortran-ordered transpose (in place).
         _blas_dger(-1.0, window512, offsets[:rows], a=buf[:rows].T, overwrite_a=True)
-        spec = scipy.fft.rfft(buf[:rows], axis=1, workers=1).astype(np.complex64)
-        bands.power_mel(spec, mel[:rows])
+        np.copyto(spec[:rows], scipy.fft.rfft(buf[:rows], axis=1, workers=1), casting="same_kind")
+        bands.power_mel(spec[:rows], mel[:rows])
         np.maximum(mel[:rows], np.float32(MEL_FLOOR), out=mel[:rows])
         for idx, start, take, row in block:
             np.log(mel[row : row + take], out=outs[idx][start : start + take])
