@@ -52,6 +52,10 @@ class ExtractionConfig:
         ffmpeg_fallback: decode with PyAV when libsndfile cannot.
         max_decode_s: refuse audio longer than this many seconds, before holding it in memory.
         fail_fast: raise on the first failing utterance instead of reporting it.
+        duration_tolerance: relative difference allowed between the decoded length and the
+            record's duration (at least 0.5 s is always allowed); a bigger one fails the
+            utterance, since a truncated file with a full transcript is a harmful training
+            example. None disables the check.
     """
 
     workers: int = os.cpu_count() or 1
@@ -60,6 +64,7 @@ class ExtractionConfig:
     ffmpeg_fallback: bool = True
     max_decode_s: float = 60.0
     fail_fast: bool = False
+    duration_tolerance: float | None = 0.1
 
 
 @dataclass
@@ -107,16 +112,16 @@ class _Task:
     hint: str | None
     shard: int
     key: str
+    expected_samples: int = 0  # at 16 kHz, from the record cache (manifest or header duration)
 
 
 _STATE: dict = {}
 
 
-def _init_worker(frontend: Frontend, decode_config: DecodeConfig) -> None:
+def _init_worker(frontend: Frontend, decode_config: DecodeConfig, duration_tolerance: float | None) -> None:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
-    _STATE["frontend"] = frontend
-    _STATE["decode"] = decode_config
+    _STATE.update(frontend=frontend, decode=decode_config, duration_tolerance=duration_tolerance)
 
 
 def _featurize(task: _Task) -> tuple[bytes | None, float, int, str | None, str | None, float]:
@@ -137,6 +142,13 @@ def _featurize_timed(task: _Task) -> tuple[bytes | None, float, int, str | None,
     except Exception as exc:  # a decoder bug on hostile input must not stop the run
         return None, 0.0, 0, "decode", f"{type(exc).__name__}: {exc}"
     seconds = len(samples) / frontend.sample_rate
+    tolerance = _STATE.get("duration_tolerance")
+    if tolerance is not None and task.expected_samples:
+        expected = task.expected_samples * frontend.sample_rate / 16000
+        if abs(len(samples) - expected) > max(0.5 * frontend.sample_rate, tolerance * expected):
+            return None, seconds, 0, "decode", (
+                f"decoded {seconds:.2f} s but the record says {expected / frontend.sample_rate:.2f} s "
+                "(truncated file or wrong manifest duration: the transcript would not match the audio)")
     if len(samples) < frontend.min_num_samples:
         return None, seconds, 0, "featurize", (
             f"{len(samples)} samples at {frontend.sample_rate} Hz < {frontend.min_num_samples} needed for one {frontend.name} frame"
@@ -161,7 +173,8 @@ def plan_shard_tasks(store: RecordStore, frontend_hash: str, shards: Iterable[in
         shard = shard_index(key, num_shards)
         if shard in wanted:
             source = item.get("audio_blob_abspath") or item.get("audio_path")
-            plan[shard].append(_Task(item["utterance_id"], source, item.get("audio_path"), shard, key))
+            plan[shard].append(_Task(item["utterance_id"], source, item.get("audio_path"), shard, key,
+                                     int(item.get("num_samples") or 0)))
     return plan
 
 
@@ -233,7 +246,7 @@ def _extract_locked(plan, split_root, frontend: Frontend, fhash: str, config: Ex
         if count == 0:
             writers[shard].close()  # tombstones only (or nothing): commit now
     try:
-        for done, (task, result) in enumerate(_run(todo, frontend, decode, config.workers), start=1):
+        for done, (task, result) in enumerate(_run(todo, (frontend, decode, config.duration_tolerance), config.workers), start=1):
             payload, seconds, frames, stage, error, busy = result
             shard_stats = stats[task.shard]
             shard_stats.worker_seconds += busy
@@ -263,21 +276,21 @@ def _extract_locked(plan, split_root, frontend: Frontend, fhash: str, config: Ex
 _CRASHED = "worker process died (killed by a signal, e.g. a decoder crash) while decoding or featurizing this utterance"
 
 
-def _pool(workers: int, frontend: Frontend, decode: DecodeConfig) -> ProcessPoolExecutor:
+def _pool(workers: int, state: tuple) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"),
-                               initializer=_init_worker, initargs=(frontend, decode))
+                               initializer=_init_worker, initargs=state)
 
 
-def _isolated(task: _Task, frontend: Frontend, decode: DecodeConfig):
+def _isolated(task: _Task, state: tuple):
     """Run one task alone in a fresh worker; a crash there is this task's own."""
-    with _pool(1, frontend, decode) as pool:
+    with _pool(1, state) as pool:
         try:
             return pool.submit(_featurize, task).result()
         except BrokenProcessPool:
             return None, 0.0, 0, "worker", _CRASHED, 0.0
 
 
-def _run(tasks: list[_Task], frontend: Frontend, decode: DecodeConfig, workers: int):
+def _run(tasks: list[_Task], state: tuple, workers: int):
     """Yield ``(task, result)`` in task order, with at most ``4 * workers`` in flight.
 
     ``workers <= 1`` runs in this process (no crash isolation). Otherwise, when a worker dies
@@ -285,13 +298,13 @@ def _run(tasks: list[_Task], frontend: Frontend, decode: DecodeConfig, workers: 
     by one in fresh workers, the culprit is reported as a failure, and the run goes on.
     """
     if workers <= 1:
-        _STATE.update(frontend=frontend, decode=decode)
+        _STATE.update(frontend=state[0], decode=state[1], duration_tolerance=state[2])
         for task in tasks:
             yield task, _featurize(task)
         return
     pending = deque(tasks)
     while pending:
-        with _pool(min(workers, len(pending)), frontend, decode) as pool:
+        with _pool(min(workers, len(pending)), state) as pool:
             window: deque = deque()
             while pending and len(window) < 4 * workers:
                 task = pending.popleft()
@@ -302,7 +315,7 @@ def _run(tasks: list[_Task], frontend: Frontend, decode: DecodeConfig, workers: 
                     result = future.result()
                 except BrokenProcessPool:
                     for suspect in [task, *(t for t, _ in window)]:
-                        yield suspect, _isolated(suspect, frontend, decode)
+                        yield suspect, _isolated(suspect, state)
                     window.clear()
                     break  # a new pool for what is left
                 yield task, result

@@ -132,6 +132,7 @@ def build_feature_shards(
     config = ExtractionConfig(
         workers=settings.effective_workers, rows_per_part=settings.rows_per_part, num_shards=settings.num_shards,
         ffmpeg_fallback=settings.ffmpeg_fallback, max_decode_s=settings.max_decode_s, fail_fast=settings.fail_fast,
+        duration_tolerance=settings.duration_tolerance,
     )
     last = [time.monotonic()]
 

@@ -60,6 +60,9 @@ class Settings:
         rows_per_part: rows per Parquet part.
         ffmpeg_fallback: decode with PyAV (FFmpeg libraries) what libsndfile cannot.
         max_decode_s: audio longer than this (seconds) is refused before it is held in memory.
+        duration_tolerance: relative mismatch allowed between decoded audio and the record's
+            duration (plus 0.5 s); a truncated file is then reported instead of being cached
+            with a transcript it does not contain. None: no check.
         fail_fast: stop at the first failing utterance instead of reporting it.
         require_readable_audio: drop rows whose audio file does not exist (reported).
         confine_audio_paths: accept only audio paths inside ``allowed_audio_roots`` (default: the
@@ -77,6 +80,7 @@ class Settings:
     rows_per_part: int = 256
     ffmpeg_fallback: bool = True
     max_decode_s: float = 60.0
+    duration_tolerance: float | None = 0.1
     fail_fast: bool = False
     require_readable_audio: bool = True
     confine_audio_paths: bool = False

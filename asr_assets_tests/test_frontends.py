@@ -286,7 +286,44 @@ def test_band_limited_audio_gives_zero_columns():
     assert np.abs(y[:, :40]).max() > 0.5  # the pass band is standardized normally
 
 
+def test_lazy_padded_signal_matches_whole_array_reference():
+    """``_Signal.fill`` (block-wise, reflect edges) equals the whole-array ``_prepare_signal``
+    up to the peak scale, which ``_Signal`` applies in the log domain."""
+    from asr_assets.frontends import logmel
+
+    rng = np.random.default_rng(5)
+    configs = [logmel.SQUEEZEFORMER_CONFIG, logmel.ZIPFORMER_CONFIG,
+               logmel.make_logmel_config(logmel.SQUEEZEFORMER_CONFIG, {"n_fft": 512, "win_length": 300})]
+    for cfg in configs:
+        for n in (1, 2, 199, 200, 201, 399, 400, 401, 1234):
+            x = (0.1 * rng.standard_normal(n) + 0.05).astype(np.float32)
+            ref = logmel._prepare_signal(x, cfg)
+            sig = logmel._Signal(x, cfg)
+            scratch = np.empty(ref.shape[0], np.float32)
+            s = sig.scale  # the peak scale is applied in the log domain, not to the samples
+            np.testing.assert_allclose(sig.fill(0, ref.shape[0], scratch) * s, ref, atol=1e-6)
+            for a, b in rng.integers(0, ref.shape[0] + 1, size=(20, 2)):
+                a, b = sorted((int(a), int(b)))
+                np.testing.assert_allclose(sig.fill(a, b, scratch) * s, ref[a:b], atol=1e-6)
+
+
 # ------------------------------------------------------------------------------- call / batch
+
+
+def test_signal_normalization_without_feature_normalization():
+    """normalize_signal alone: the peak scale folded into the log floor gives upstream's values."""
+    with np.load(REPO / "asr_assets_tests" / "data" / "ref_arctic_a0007.npz") as npz:
+        x = npz["samples"][:24000] * np.float32(0.01) + np.float32(0.003)  # quiet, DC offset
+    fe = get_frontend("squeezeformer", normalize_feature=False)
+    ref = get_frontend("zipformer", preemphasis=0.97).batch([_normalized_reference(x)])[0]
+    diff = np.abs(fe(x, 16000) - ref)  # float32 rounding only (largest in near-floor bins)
+    assert np.percentile(diff, 99.9) < 5e-4 and diff.max() < 2e-3
+    assert fe(np.zeros(800, np.float32), 16000).min() == pytest.approx(np.log(1e-5), abs=1e-5)
+
+
+def _normalized_reference(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64) - x.mean(dtype=np.float64)
+    return (x / np.abs(x).max()).astype(np.float32)
 
 
 def test_call_resamples_and_downmixes():
@@ -329,7 +366,7 @@ def test_batch_equals_one_by_one(name, monkeypatch):
     for mod in ("logmel", "w2v_bert"):
         monkeypatch.setattr(f"asr_assets.frontends.{mod}.CHUNK_FRAMES", 37)
     batched = fe.batch(utts)
-    for a, b in zip(singles, batched):
+    for a, b in zip(singles, batched, strict=True):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, atol=1e-5)
 

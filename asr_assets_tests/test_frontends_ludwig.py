@@ -138,7 +138,8 @@ def test_config_drives_hash():
     assert fe.frontend_hash() == hashlib.sha256(expected.encode()).hexdigest()[:12]
     # the default FFT size resolves to the window length, so spelling it out keys identically
     assert get_frontend("ludwig-fbank", num_fft_points=640).frontend_hash() == fe.frontend_hash()
-    hashes = {get_frontend(f"ludwig-{t}").frontend_hash() for t in ("fbank", "stft", "stft_phase", "group_delay", "raw")}
+    kinds = ("fbank", "stft", "stft_phase", "group_delay", "raw")
+    hashes = {get_frontend(f"ludwig-{t}").frontend_hash() for t in kinds}
     assert len(hashes) == 5
     assert get_frontend("ludwig-fbank", norm="per_file").frontend_hash() != fe.frontend_hash()
     assert "window_type" not in get_frontend("ludwig-raw").config_dict()

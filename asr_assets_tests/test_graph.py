@@ -141,7 +141,8 @@ def test_cli_on_broken_files_reports_every_broken_row(shared_data, tmp_path):
     manifest_ids = {line.split("\t")[0] for line in (shared_data / "broken" / "manifest.tsv").read_text().splitlines()[1:]}
     assert reported | cached == manifest_ids and not reported & cached
     assert {"bad_empty_flac", "bad_empty_wav", "bad_random_bytes_wav", "bad_wav_zero_channels_wav",
-            "bad_float32_nan_inf_1pct_wav", "bad_ps_evil_wav", "bad_tiny_1_sample_wav"} <= reported
+            "bad_float32_nan_inf_1pct_wav", "bad_ps_evil_wav", "bad_tiny_1_sample_wav",
+            "bad_truncated_half_flac", "bad_truncated_half_mp3"} <= reported
     assert {"good_jfk", "good_arctic_a0007", "bad_flac_named_as_wav", "bad_opus_named_as_ogg"} <= cached
 
 
@@ -167,3 +168,16 @@ def test_dagster_cli_materializes_one_partition(tmp_path):
     subprocess.run([*dagster, "--select", "squeezeformer_features", "--partition", partition], env=env, check=True,
                    capture_output=True, timeout=300)
     assert independent_features(tmp_path / "out" / "feature-cache" / "train", store[0]["utterance_id"]) is not None
+
+
+def test_resource_and_settings_defaults_agree():
+    from asr_assets.defs.resources import RESOURCE_FIELDS, AsrAssetsConfig
+
+    settings = Settings()
+    resource = AsrAssetsConfig.from_settings(settings)
+    assert resource.settings() == settings
+    for name in RESOURCE_FIELDS:
+        field = AsrAssetsConfig.model_fields[name]
+        if not field.is_required():
+            default = field.get_default(call_default_factory=True)
+            assert (tuple(default) if isinstance(default, list) else default) == getattr(settings, name), name

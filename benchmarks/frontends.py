@@ -9,8 +9,10 @@ kaldi-native-fbank)::
 Input: real speech (the JFK clip, the ``en_hf`` parquet utterances and ``nl_cv`` Ogg clips,
 decoded with soundfile, resampled to 16 kHz with soxr, concatenated) cut into 10 s
 utterances. Every implementation is run over the same utterances in interleaved rounds; the
-table gives the median speed in x real time (seconds of audio per wall-clock second) and the
-ratio of each asr_assets frontend to each anchor computing the same features.
+table gives the median speed in x real time (seconds of audio per second of this process's
+CPU time, which on one thread equals wall time on an idle machine and is less disturbed by other
+load on a shared 2-core machine; the median wall-clock figure is shown too) and the ratio of
+each asr_assets frontend to each anchor computing the same features.
 
 Anchors:
     * ``torchaudio MelSpectrogram``: upstream ``AudioFeaturizer`` (normalization, pre-emphasis,
@@ -229,6 +231,7 @@ def main() -> None:
     parser.add_argument("--write-readme", action="store_true", help="write the table into benchmarks/README.md")
     args = parser.parse_args()
 
+    load_at_start = os.getloadavg()[0]
     utts = load_speech(args.data, args.minutes)
     seconds = len(utts) * UTT_SECONDS
     anchors, missing = collect_anchors()
@@ -242,28 +245,34 @@ def main() -> None:
             jobs.append((name, label, lambda fn=fn: [fn(x) for x in utts]))
     for _, _, job in jobs:  # warm-up (tables, imports, allocator)
         job()
-    times: dict[tuple[str, str], list[float]] = {(n, l): [] for n, l, _ in jobs}
+    times: dict[tuple[str, str], list[float]] = {(name, label): [] for name, label, _ in jobs}
+    walls: dict[tuple[str, str], list[float]] = {(name, label): [] for name, label, _ in jobs}
     for _ in range(args.rounds):
         for name, label, job in jobs:
-            t0 = time.perf_counter()
+            w0, t0 = time.perf_counter(), time.process_time()
             job()
-            times[(name, label)].append(time.perf_counter() - t0)
+            times[(name, label)].append(time.process_time() - t0)
+            walls[(name, label)].append(time.perf_counter() - w0)
     xrt = {key: seconds / statistics.median(v) for key, v in times.items()}
+    xrt_wall = {key: seconds / statistics.median(v) for key, v in walls.items()}
 
     lines = [
         f"{seconds / 60:.1f} min of real speech in {len(utts)} x {UTT_SECONDS} s utterances, "
-        f"1 thread, median of {args.rounds} interleaved rounds",
+        f"1 thread, median of {args.rounds} interleaved rounds, "
+        f"load average at start {load_at_start:.2f}",
         f"python {platform.python_version()}, numpy {np.__version__} ({blas_info()}), "
         f"scipy {__import__('scipy').__version__}, {platform.machine()} {platform.processor() or ''}".rstrip(),
         "",
-        "| frontend | implementation | x real time | asr_assets batch / this |",
-        "|---|---|---:|---:|",
+        "| frontend | implementation | x real time (CPU) | x real time (wall) | asr_assets batch / this (CPU) |",
+        "|---|---|---:|---:|---:|",
     ]
     for name in ours:
         base = xrt[(name, "asr_assets batch")]
         for (n, label), value in xrt.items():
             if n == name:
-                lines.append(f"| {name} | {label} | {value:,.0f} | {base / value:.2f}x |")
+                lines.append(
+                    f"| {name} | {label} | {value:,.0f} | {xrt_wall[(n, label)]:,.0f} | {base / value:.2f}x |"
+                )
     if missing:
         lines += ["", f"not installed (anchors skipped): {', '.join(missing)}"]
     table = "\n".join(lines)

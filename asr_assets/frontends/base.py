@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -288,6 +289,34 @@ def to_mono_float32(samples: np.ndarray, sample_rate: int, target_rate: int) -> 
     return x
 
 
+_SCRATCH = threading.local()
+
+
+def scratch(tag: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A per-thread work buffer reused across calls (uninitialized content).
+
+    Reusing the block buffers avoids fresh pages (one page fault per 4 KiB) on every call, which
+    cost ~15 % of a 10 s utterance's time. Buffers are never returned to callers; they stay
+    allocated for the life of the thread (a few MB at most).
+
+    Args:
+        tag: buffer name, unique per use site.
+        shape: required shape.
+        dtype: required dtype.
+
+    Returns:
+        An array of exactly ``shape`` and ``dtype`` (a view of a possibly larger buffer).
+    """
+    cache = _SCRATCH.__dict__.setdefault("buffers", {})
+    size = int(np.prod(shape))
+    dt = np.dtype(dtype)
+    buf = cache.get((tag, dt))
+    if buf is None or buf.size < size:
+        buf = np.empty(size, dtype=dt)
+        cache[(tag, dt)] = buf
+    return buf[:size].reshape(shape)
+
+
 def frame_chunks(lengths: Sequence[int], chunk: int = CHUNK_FRAMES):
     """Split frames of several utterances into blocks of at most ``chunk`` frames.
 
@@ -329,7 +358,7 @@ class MelBands:
         group: bands per GEMM.
     """
 
-    def __init__(self, fbank: np.ndarray, group: int = 12):
+    def __init__(self, fbank: np.ndarray, group: int = 16):
         fbank = np.asarray(fbank, dtype=np.float64)
         self.num_bins, self.num_mels = fbank.shape
         nonzero = fbank > 0
@@ -373,8 +402,9 @@ def normalize_columns(
 
     Computes ``(x - mean) / (max(sqrt(var_ddof + var_offset), std_floor) + std_offset)``
     (torchaudio/HF/Ludwig conventions: squeezeformer uses ``ddof=0, std_floor=1e-5``, w2v-bert
-    ``ddof=1, var_offset=1e-7``, Ludwig ``per_file`` ``ddof=1, std_offset=1e-10``). The mean is accumulated in float64. With fewer than
-    ``ddof + 1`` values the variance is taken as 0 (upstream Rust divisor 1; HF gives NaN).
+    ``ddof=1, var_offset=1e-7``, Ludwig ``per_file`` ``ddof=1, std_offset=1e-10``). The mean
+    is accumulated in float64. With fewer than ``ddof + 1`` values the variance is taken as 0
+    (upstream Rust divisor 1; HF gives NaN).
 
     Constant-column rule: a column whose standard deviation is at most
     :data:`CONSTANT_COLUMN_ULPS` float32 ulps of its mean (``std <= 8 * eps32 * |mean|``,

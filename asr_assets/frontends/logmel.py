@@ -22,18 +22,21 @@ from typing import Any, Sequence
 
 import numpy as np
 import scipy.fft
+from numpy.lib.stride_tricks import as_strided
 
 from asr_assets.errors import FeatureConfigError
 
 from .base import (
     CHUNK_FRAMES,
     Frontend,
+    MelBands,
     check_bool,
     check_float,
     check_positive_int,
-    MelBands,
+    effective_num_samples,
     frame_chunks,
     normalize_columns,
+    scratch,
 )
 
 #: Floor applied to mel power before the natural log (upstream ``clamp_min(1e-5)``).
@@ -240,12 +243,15 @@ def _prepare_signal(x: np.ndarray, cfg: LogMelConfig) -> np.ndarray:
 class _Signal:
     """Lazily evaluated padded signal of one utterance (upstream steps 2-5 before framing).
 
-    ``P[p]`` for ``0 <= p < length + 2 * pad`` is the normalized, pre-emphasized, zero-extended
-    (to ``length = max(n, n_fft, win_length)``) and reflect-padded signal. :meth:`fill` writes
-    any range of it into a reused scratch buffer, so no per-utterance copy is allocated.
+    ``P[p]`` for ``0 <= p < length + 2 * pad`` is the mean-removed, pre-emphasized, zero-extended
+    (to ``length = max(n, n_fft, win_length)``) and reflect-padded signal, **not** divided by the
+    peak: the peak scale ``s`` of signal normalization is applied in the log domain instead,
+    ``log(max(s^2 P, 1e-5)) = log(max(P, 1e-5 / s^2)) + 2 log s`` (:attr:`floor`,
+    :attr:`log_gain`), which saves a pass over the samples. :meth:`fill` writes any range of
+    ``P`` into a reused scratch buffer, so no per-utterance copy is allocated.
     """
 
-    __slots__ = ("x", "n", "length", "pad", "c", "norm", "scale", "mean")
+    __slots__ = ("x", "n", "length", "pad", "c", "norm", "scale", "mean", "floor", "log_gain")
 
     def __init__(self, x: np.ndarray, cfg: LogMelConfig):
         self.x = x
@@ -258,6 +264,8 @@ class _Signal:
         if self.norm:
             self.mean = float(x.mean())
             self.scale = 1.0 / max(float(x.max()) - self.mean, self.mean - float(x.min()), PEAK_FLOOR)
+        self.floor = np.float32(LOG_FLOOR / self.scale**2)
+        self.log_gain = np.float32(2.0 * np.log(self.scale))
 
     def _y(self, i0: int, i1: int, out: np.ndarray) -> None:
         """``out[:i1 - i0] = y[i0:i1]`` for ``0 <= i0 <= i1 <= length`` (unpadded signal)."""
@@ -272,10 +280,9 @@ class _Signal:
             else:
                 seg[...] = x[lo:hi]
             if self.norm:
-                seg *= np.float32(self.scale)
-                seg -= np.float32(self.scale * self.mean * (1.0 - c))
+                seg -= np.float32(self.mean * (1.0 - c))
         if i0 == 0 and i1 > 0 and n > 0:
-            k[0] = (float(x[0]) - self.mean) * self.scale if self.norm else x[0]
+            k[0] = float(x[0]) - self.mean
         if i1 > n:
             k[max(n, i0) - i0 :] = 0.0
 
@@ -321,21 +328,24 @@ def logmel_batch(signals: Sequence[np.ndarray], cfg: LogMelConfig) -> list[np.nd
     counts = [_num_frames(cfg, s.n) for s in sigs]
     outs = [np.empty((c, cfg.n_mels), dtype=np.float32) for c in counts]
     size = min(CHUNK_FRAMES, max(sum(counts), 1))
-    scratch = np.empty((size - 1) * cfg.hop_length + cfg.n_fft, dtype=np.float32)
-    buf = np.empty((size, cfg.n_fft), dtype=np.float32)
-    mel = np.empty((size, cfg.n_mels), dtype=np.float32)
+    samples = scratch("logmel.samples", ((size - 1) * cfg.hop_length + cfg.n_fft,), np.float32)
+    buf = scratch("logmel.frames", (size, cfg.n_fft), np.float32)
+    mel = scratch("logmel.mel", (size, cfg.n_mels), np.float32)
     hop = cfg.hop_length
     for block in frame_chunks(counts, CHUNK_FRAMES):
         rows = block[-1][3] + block[-1][2]
         for idx, start, take, row in block:
-            seg = sigs[idx].fill(start * hop, (start + take - 1) * hop + cfg.n_fft, scratch)
-            view = np.lib.stride_tricks.sliding_window_view(seg, cfg.n_fft)[::hop]
-            np.multiply(view, window, out=buf[row : row + take])
+            seg = sigs[idx].fill(start * hop, (start + take - 1) * hop + cfg.n_fft, samples)
+            frames = as_strided(seg, shape=(take, cfg.n_fft), strides=(hop * 4, 4), writeable=False)
+            np.multiply(frames, window, out=buf[row : row + take])
         spec = scipy.fft.rfft(buf[:rows], axis=1, workers=1)
         bands.power_mel(spec, mel[:rows])
-        np.maximum(mel[:rows], np.float32(LOG_FLOOR), out=mel[:rows])
         for idx, start, take, row in block:
-            np.log(mel[row : row + take], out=outs[idx][start : start + take])
+            sig, part, dst = sigs[idx], mel[row : row + take], outs[idx][start : start + take]
+            np.maximum(part, sig.floor, out=part)
+            np.log(part, out=dst)
+            if sig.norm and not cfg.normalize_feature:  # standardization would cancel it
+                dst += sig.log_gain
     if cfg.normalize_feature:
         axis = 1 if cfg.normalize_per_frame else 0
         for out in outs:
@@ -392,8 +402,6 @@ class LogMelFrontend(Frontend):
         ``eff = max(1, ceil(n * sr_target / sr))`` when rates differ, then
         ``max(1, max(eff, n_fft, win_length) // hop + 1)``; 0 for ``n <= 0``.
         """
-        from .base import effective_num_samples
-
         if num_samples <= 0 or sample_rate <= 0:
             return 0
         eff = effective_num_samples(num_samples, sample_rate, self.sample_rate)

@@ -37,12 +37,13 @@ from asr_assets.errors import FeatureConfigError
 from .base import (
     CHUNK_FRAMES,
     Frontend,
+    MelBands,
     check_float,
     check_positive_int,
     effective_num_samples,
-    MelBands,
     frame_chunks,
     normalize_columns,
+    scratch,
 )
 
 FRAME_LENGTH = 400  #: samples per frame (25 ms at 16 kHz)
@@ -201,7 +202,7 @@ def fbank_batch(signals: Sequence[np.ndarray], num_mels: int = 80, sample_rate: 
     counts = [num_fbank_frames(x.shape[0]) for x in xs]
     outs = [np.empty((c, num_mels), dtype=np.float32) for c in counts]
     offsets_by_utt: list[np.ndarray | None] = []
-    for x, c in zip(xs, counts):
+    for x, c in zip(xs, counts, strict=True):
         if c == 0:
             offsets_by_utt.append(None)
             continue
@@ -215,12 +216,13 @@ def fbank_batch(signals: Sequence[np.ndarray], num_mels: int = 80, sample_rate: 
     # Reused scratch (float64): per segment, the int16-scaled samples and their pre-emphasis,
     # so no per-utterance float64 copy is allocated (fresh pages cost a fault per 512 samples).
     span = (size - 1) * HOP_LENGTH + FRAME_LENGTH
-    raw = np.empty(span + 1, dtype=np.float64)
-    emph = np.empty(span, dtype=np.float64)
-    buf = np.zeros((size, FFT_LENGTH), dtype=np.float64)
-    offsets = np.empty(size, dtype=np.float64)
-    mel = np.empty((size, num_mels), dtype=np.float32)
-    spec = np.empty((size, FFT_LENGTH // 2 + 1), dtype=np.complex64)
+    raw = scratch("w2v.raw", (span + 1,), np.float64)
+    emph = scratch("w2v.emph", (span,), np.float64)
+    buf = scratch("w2v.frames", (size, FFT_LENGTH), np.float64)
+    buf[:, FRAME_LENGTH:] = 0.0  # zero padding to the FFT length
+    offsets = scratch("w2v.offsets", (size,), np.float64)
+    mel = scratch("w2v.mel", (size, num_mels), np.float32)
+    spec = scratch("w2v.spec", (size, FFT_LENGTH // 2 + 1), np.complex64)
     for block in frame_chunks(counts, CHUNK_FRAMES):
         rows = block[-1][3] + block[-1][2]
         for idx, start, take, row in block:
@@ -238,7 +240,9 @@ def fbank_batch(signals: Sequence[np.ndarray], num_mels: int = 80, sample_rate: 
             offsets[row : row + take] = offsets_by_utt[idx][start : start + take]  # type: ignore[index]
         # Remove the pre-emphasized DC of each frame: buf -= offsets (x) window, one BLAS
         # rank-1 update on the Fortran-ordered transpose (in place).
-        _blas_dger(-1.0, window512, offsets[:rows], a=buf[:rows].T, overwrite_a=True)
+        updated = _blas_dger(-1.0, window512, offsets[:rows], a=buf[:rows].T, overwrite_a=True)
+        if not np.shares_memory(updated, buf):  # f2py copied instead of updating in place
+            buf[:rows] = updated.T
         np.copyto(spec[:rows], scipy.fft.rfft(buf[:rows], axis=1, workers=1), casting="same_kind")
         bands.power_mel(spec[:rows], mel[:rows])
         np.maximum(mel[:rows], np.float32(MEL_FLOOR), out=mel[:rows])
