@@ -9,15 +9,28 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 from pathlib import Path
 from typing import Iterator
 
 TMP_MARK = ".tmp."
+_HOST = socket.gethostname().replace(".", "_").replace("-", "_") or "localhost"
+
+
+def tmp_suffix() -> str:
+    """``.tmp.<host>-<pid>``: unique per writer process, even on storage shared by machines."""
+    return f"{TMP_MARK}{_HOST}-{os.getpid()}"
 
 
 def tmp_path_for(path: Path) -> Path:
-    """``<dir>/<name>.tmp.<pid>`` beside ``path`` (same file system, so ``os.replace`` is atomic)."""
-    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    """``<dir>/<name>.tmp.<host>-<pid>`` beside ``path`` (same file system: ``os.replace`` is atomic)."""
+    return path.with_name(path.name + tmp_suffix())
+
+
+def _tmp_owner(name: str) -> tuple[str, int] | None:
+    owner = name.rsplit(TMP_MARK, 1)[-1] if TMP_MARK in name else ""
+    host, _, pid = owner.rpartition("-")
+    return (host, int(pid)) if host and pid.isdigit() else None
 
 
 def fsync_file(path: Path) -> None:
@@ -63,11 +76,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_tmp(directory: Path) -> int:
-    """Delete temporary files (``*.tmp*.<pid>``) of writers that no longer run; returns how many.
+def remove_stale_tmp(directory: Path, prefix: str = "") -> int:
+    """Delete temporary files (``<prefix>*.tmp.<host>-<pid>``) of writers of *this* host that no
+    longer run; returns how many.
 
-    Files of live processes are kept (they may be mid-write). Readers never list temporary
-    files, so this is housekeeping, not a correctness step.
+    Files of live processes and of other hosts (shared storage) are kept. Readers never list
+    temporary files, so this is housekeeping, not a correctness step.
     """
     removed = 0
     try:
@@ -75,10 +89,8 @@ def remove_stale_tmp(directory: Path) -> int:
     except FileNotFoundError:
         return 0
     for entry in entries:
-        if ".tmp" not in entry.name:
-            continue
-        pid = entry.name.rsplit(".", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        owner = _tmp_owner(entry.name) if entry.name.startswith(prefix) else None
+        if owner is not None and owner[0] == _HOST and not _pid_alive(owner[1]):
             try:
                 os.remove(entry.path)
                 removed += 1

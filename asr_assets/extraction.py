@@ -58,7 +58,7 @@ class ExtractionConfig:
             example. None disables the check.
     """
 
-    workers: int = os.cpu_count() or 1
+    workers: int = len(os.sched_getaffinity(0)) or 1
     rows_per_part: int = 256
     num_shards: int = 64
     ffmpeg_fallback: bool = True

@@ -12,7 +12,7 @@ Layout::
     <split_root>/feature_shards/features_NN/part_<pid>_<time_ns>_<counter:06d>.parquet
         key: string, payload: binary (SFCF32L1, null for a tombstone), deleted: bool
 
-A part is written as ``.tmp-part_*.parquet.<pid>`` in the same folder and renamed, so readers,
+A part is written as ``.part_*.parquet.tmp.<host>-<pid>`` in the same folder and renamed, so readers,
 which list ``part_*.parquet`` only, never see a half-written part. Each part carries Parquet
 key-value metadata saying how it was written (format, frontend, hash, config repr).
 """
@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._fs import file_lock, fsync_file
+from ._fs import file_lock, fsync_file, tmp_suffix
 from .errors import CacheCorruptError
 
 MAGIC = b"SFCF32L1"
@@ -122,7 +122,7 @@ def _write_part(directory: Path, table: pa.Table, mtime_ns: int | None = None, p
     global _part_counter
     _part_counter += 1
     name = f"{prefix}{os.getpid()}_{time.time_ns()}_{_part_counter:06d}.parquet"
-    tmp = directory / f".tmp-{name}.{os.getpid()}"
+    tmp = directory / f".{name}{tmp_suffix()}"
     # zstd level 1: ~15 % smaller than uncompressed float32 log-mel at ~500 MB/s (performance notes)
     pq.write_table(table, tmp, compression="zstd", compression_level=1, use_dictionary=["key"])
     fsync_file(tmp)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from ._fs import tmp_path_for
 from .audio import probe_duration
 from .extraction import ExtractionConfig, ShardStats, extract_shards
 from .frontends import get_frontend
@@ -41,7 +42,7 @@ def write_jsonl_report(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp = tmp_path_for(path)
     count = 0
     with open(tmp, "w", encoding="utf-8") as handle:
         for row in rows:

@@ -16,13 +16,12 @@ Layout of a store ``<dir>/train.jsonl``::
 
 Atomicity: everything is written under ``<name>.tmp.<pid>`` names and renamed with
 ``os.replace``, sidecars first and the JSONL last, so a reader that finds the JSONL finds a
-complete store; a killed writer leaves only ``*.tmp.*`` files, which readers never open and the
-next writer removes. Blobs are content-addressed and renamed into place the same way.
+complete store; a killed writer leaves only ``*.tmp.<host>-<pid>`` files, which readers never
+open and the next writer on that host removes. Blobs are content-addressed and renamed into place the same way.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -32,7 +31,7 @@ from typing import Iterable
 
 import numpy as np
 
-from ._fs import TMP_MARK, atomic_write_bytes, file_lock, tmp_path_for
+from ._fs import atomic_write_bytes, file_lock, remove_stale_tmp, tmp_path_for
 from .errors import CacheCorruptError
 from .records import Record
 
@@ -82,14 +81,6 @@ class WriteSummary:
     sha256: str = ""  # of the JSONL bytes: the split's data version
 
 
-def _cleanup_stale_tmp(jsonl_path: Path) -> None:
-    for stale in glob.glob(glob.escape(str(jsonl_path)) + "*" + TMP_MARK + "*"):
-        try:
-            os.remove(stale)
-        except OSError:
-            pass
-
-
 def write_record_cache(jsonl_path: str | os.PathLike, records: Iterable[Record]) -> WriteSummary:
     """Write one split's record store atomically (spec §1.2–1.5).
 
@@ -111,7 +102,7 @@ def write_record_cache(jsonl_path: str | os.PathLike, records: Iterable[Record])
 
 
 def _write_locked(jsonl_path: Path, records: Iterable[Record]) -> WriteSummary:
-    _cleanup_stale_tmp(jsonl_path)
+    remove_stale_tmp(jsonl_path.parent, prefix=jsonl_path.name)
     tmp = tmp_path_for(jsonl_path)
     columns: dict[str, list[int]] = {suffix: [] for suffix in SIDECARS}
     summary = WriteSummary(path=str(jsonl_path))

@@ -148,4 +148,6 @@ class Settings:
 
     @property
     def effective_workers(self) -> int:
-        return self.workers or (os.cpu_count() or 1)
+        """``workers``, or the CPUs this process may run on (cpuset/affinity aware; a container's
+        CPU *quota* is not visible here, so set ``ASR_ASSETS_WORKERS`` in run pods)."""
+        return self.workers or len(os.sched_getaffinity(0)) or 1

@@ -85,5 +85,23 @@ def test_read_semantics_newest_part_last_row_tombstone(tmp_path):
     assert cache.load("u") is None
     assert cache.keys(shard) == set()
     # a temporary (half-written) part is never read
-    (shard_dir(tmp_path, shard) / ".tmp-part_1_2_000001.parquet.123").write_bytes(b"garbage")
+    (shard_dir(tmp_path, shard) / ".part_1_2_000001.parquet.tmp.otherhost-123").write_bytes(b"garbage")
     assert cache.load("u") is None
+
+
+def test_stale_temporary_files_of_dead_local_writers_are_removed(tmp_path):
+    import subprocess
+
+    from asr_assets._fs import remove_stale_tmp, tmp_suffix
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    mine = tmp_suffix()
+    host = mine.split(".tmp.", 1)[1].rsplit("-", 1)[0]
+    (tmp_path / f".part_a.parquet{mine}").write_bytes(b"live writer")            # this process: kept
+    (tmp_path / f".part_b.parquet.tmp.{host}-{dead.pid}").write_bytes(b"dead")    # dead local pid: removed
+    (tmp_path / f".part_c.parquet.tmp.otherhost-{dead.pid}").write_bytes(b"?")    # another machine: kept
+    (tmp_path / "part_d.parquet").write_bytes(b"committed")                       # not temporary: kept
+    assert remove_stale_tmp(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".part_a.parquet" + mine, f".part_c.parquet.tmp.otherhost-{dead.pid}", "part_d.parquet"]

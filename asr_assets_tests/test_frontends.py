@@ -371,6 +371,17 @@ def test_batch_equals_one_by_one(name, monkeypatch):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["squeezeformer", "zipformer", "w2v-bert"])
+def test_non_contiguous_and_float64_input(name):
+    x = (0.1 * np.random.default_rng(4).standard_normal(200000)).astype(np.float64)  # > 2 blocks
+    fe = get_frontend(name)
+    expected = fe.batch([np.ascontiguousarray(x[::2], dtype=np.float32)])[0]
+    x32 = x.astype(np.float32)
+    for strided in (x[::2], x32[::2]):  # float64 strided, float32 strided (no copy by asarray)
+        np.testing.assert_array_equal(fe.batch([strided])[0], expected)
+        np.testing.assert_array_equal(fe(strided, 16000), expected)
+
+
 def test_frontends_pickle_small_and_equal():
     for name in ("squeezeformer", "zipformer", "w2v-bert", "ludwig-fbank"):
         fe = get_frontend(name)

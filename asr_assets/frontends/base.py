@@ -308,7 +308,7 @@ def scratch(tag: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         An array of exactly ``shape`` and ``dtype`` (a view of a possibly larger buffer).
     """
     cache = _SCRATCH.__dict__.setdefault("buffers", {})
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     dt = np.dtype(dtype)
     buf = cache.get((tag, dt))
     if buf is None or buf.size < size:

@@ -287,8 +287,11 @@ class _Signal:
             k[max(n, i0) - i0 :] = 0.0
 
     def fill(self, a: int, b: int, out: np.ndarray) -> np.ndarray:
-        """Write ``P[a:b]`` into ``out[:b - a]`` and return that view."""
+        """Return ``P[a:b]``: written into ``out[:b - a]``, or a view of the input when the range
+        is interior and untransformed (no pre-emphasis, no signal normalization)."""
         pad, length = self.pad, self.length
+        if a >= pad and b <= pad + self.n and self.c == 0 and not self.norm:
+            return self.x[a - pad : b - pad]  # interior, untransformed: no copy needed
         dst = out[: b - a]
         left_end = min(b, pad)
         if a < left_end:  # P[p] = y[pad - p]
@@ -324,7 +327,7 @@ def logmel_batch(signals: Sequence[np.ndarray], cfg: LogMelConfig) -> list[np.nd
         standardized per column when ``cfg.normalize_feature``.
     """
     window, bands = _tables(cfg.n_fft, cfg.win_length, cfg.n_mels, cfg.sample_rate)
-    sigs = [_Signal(np.asarray(x, dtype=np.float32), cfg) for x in signals]
+    sigs = [_Signal(np.ascontiguousarray(x, dtype=np.float32), cfg) for x in signals]
     counts = [_num_frames(cfg, s.n) for s in sigs]
     outs = [np.empty((c, cfg.n_mels), dtype=np.float32) for c in counts]
     size = min(CHUNK_FRAMES, max(sum(counts), 1))
@@ -336,7 +339,8 @@ def logmel_batch(signals: Sequence[np.ndarray], cfg: LogMelConfig) -> list[np.nd
         rows = block[-1][3] + block[-1][2]
         for idx, start, take, row in block:
             seg = sigs[idx].fill(start * hop, (start + take - 1) * hop + cfg.n_fft, samples)
-            frames = as_strided(seg, shape=(take, cfg.n_fft), strides=(hop * 4, 4), writeable=False)
+            step = seg.strides[0]
+            frames = as_strided(seg, shape=(take, cfg.n_fft), strides=(hop * step, step), writeable=False)
             np.multiply(frames, window, out=buf[row : row + take])
         spec = scipy.fft.rfft(buf[:rows], axis=1, workers=1)
         bands.power_mel(spec, mel[:rows])

@@ -198,7 +198,7 @@ def fbank_batch(signals: Sequence[np.ndarray], num_mels: int = 80, sample_rate: 
         per utterance; ``num_frames = num_fbank_frames(num_samples)``.
     """
     window, window512, bands = _tables(num_mels, sample_rate)
-    xs = [np.asarray(x, dtype=np.float32) for x in signals]
+    xs = [np.ascontiguousarray(x, dtype=np.float32) for x in signals]
     counts = [num_fbank_frames(x.shape[0]) for x in xs]
     outs = [np.empty((c, num_mels), dtype=np.float32) for c in counts]
     offsets_by_utt: list[np.ndarray | None] = []
