@@ -1,7 +1,8 @@
 """``asr-assets`` command line.
 
     asr-assets materialize [--manifests PATH]... [--output DIR] [--frontend NAME]... [--workers N]
-                           [--source-base DIR] [--no-ffmpeg-fallback] [--fail-fast]
+                           [--plugin MODULE]... [--n-fft N --hop-length N ...] [--source-base DIR]
+                           [--confine-audio [DIR]] [--no-ffmpeg-fallback] [--fail-fast]
     asr-assets frontends
     asr-assets compact [--output DIR] [--frontend NAME]... [--split SPLIT]...
 
@@ -25,6 +26,21 @@ from .settings import SPLITS, Settings
 _QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+_bool.__name__ = "bool"
+_OVERRIDES = {
+    "--sample-rate": int, "--n-fft": int, "--win-length": int, "--hop-length": int, "--n-mels": int,
+    "--preemphasis": float, "--normalize-signal": _bool, "--normalize-feature": _bool, "--normalize-per-frame": _bool,
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asr-assets", description="Record and feature caches for ASR training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     mat.add_argument("--output", metavar="DIR", help="output root (default: $ASR_ASSETS_OUTPUT or artifacts/)")
     mat.add_argument("--frontend", action="append", metavar="NAME",
                      help="frontend to cache; repeatable (default: $ASR_ASSETS_FRONTENDS or squeezeformer)")
+    mat.add_argument("--plugin", action="append", metavar="MODULE",
+                     help="import MODULE first (it registers frontends); repeatable (default: $ASR_ASSETS_PLUGINS)")
+    over = mat.add_argument_group("frontend overrides (upstream CLI flags; they change the cache key)")
+    for flag, kind in _OVERRIDES.items():
+        over.add_argument(flag, type=kind, metavar=kind.__name__.upper().replace("_BOOL", "BOOL"))
     mat.add_argument("--workers", type=int, help="feature-extraction processes (default: every core)")
     mat.add_argument("--source-base", metavar="DIR", help="base folder of relative audio paths instead of each manifest root")
     mat.add_argument("--no-ffmpeg-fallback", action="store_true", help="decode with libsndfile only (no PyAV)")
@@ -45,26 +66,30 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("frontends", help="list the registered frontends with their cache hash")
     comp = sub.add_parser("compact", help="merge each shard's parts into one (newest row per key, tombstones dropped)")
     comp.add_argument("--output", metavar="DIR", help="output root (default: $ASR_ASSETS_OUTPUT or artifacts/)")
-    comp.add_argument("--frontend", action="append", metavar="NAME", help="frontend; repeatable (default: the enabled ones)")
+    comp.add_argument("--frontend", action="append", metavar="NAME",
+                      help="only this frontend; repeatable (default: every frontend found in the parts)")
     comp.add_argument("--split", action="append", choices=SPLITS, help="split; repeatable (default: all)")
     return parser
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    from .frontends import get_frontend
     from .manifests import discover_manifests
 
+    overrides = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag in _OVERRIDES}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     settings = Settings.from_env(
-        manifests=args.manifests, validation_manifests=args.validation_manifests, output=args.output, frontends=args.frontend, workers=args.workers,
-        source_base=args.source_base, ffmpeg_fallback=False if args.no_ffmpeg_fallback else None,
-        fail_fast=True if args.fail_fast else None,
+        manifests=args.manifests, validation_manifests=args.validation_manifests, output=args.output,
+        frontends=args.frontend, plugins=args.plugin, workers=args.workers, source_base=args.source_base,
+        ffmpeg_fallback=False if args.no_ffmpeg_fallback else None, fail_fast=True if args.fail_fast else None,
         confine_audio_paths=True if args.confine_audio else None,
         allowed_audio_roots=tuple(d for d in (args.confine_audio or []) if d) or None,
     )
+    if overrides:
+        settings = settings.with_(frontend_overrides={name: overrides for name in settings.frontends})
     for source in (*settings.manifests, *settings.validation_manifests):
         discover_manifests(source)  # raises ManifestError naming the source
     for name in settings.frontends:
-        get_frontend(name)  # raises UnknownFrontendError listing the available ones
+        settings.frontend(name)  # raises UnknownFrontendError listing the available ones, or a bad override
     if settings.source_base and not Path(settings.source_base).is_dir():
         raise AsrAssetsError(f"--source-base {settings.source_base!r} is not a folder")
     return settings
@@ -154,24 +179,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def compact(args: argparse.Namespace) -> int:
     """``asr-assets compact``: one part per shard and frontend; safe while readers run."""
-    from .feature_cache import compact_shard
-    from .frontends import get_frontend
+    from .feature_cache import compact_split
 
     try:
-        settings = Settings.from_env(output=args.output, frontends=args.frontend)
-        frontends = [get_frontend(name) for name in settings.frontends]
+        settings = Settings.from_env(output=args.output)
+        hashes = {settings.frontend(name).frontend_hash() for name in args.frontend} if args.frontend else None
     except (AsrAssetsError, ValueError) as exc:
         print(f"asr-assets: error: {exc}", file=sys.stderr)
         return 2
-    for frontend in frontends:
-        for split in args.split or SPLITS:
-            root = settings.feature_split_root(split)
-            totals = {"parts_before": 0, "parts_after": 0, "rows_before": 0, "rows_after": 0, "tombstones_dropped": 0}
-            for shard in range(settings.num_shards):
-                if (root / "feature_shards" / f"features_{shard:02d}").is_dir():
-                    for k, v in compact_shard(root, shard, frontend.frontend_hash()).items():
-                        totals[k] += v
-            print(f"{frontend.name}[{split}]: parts {totals['parts_before']} -> {totals['parts_after']}, "
+    for split in args.split or SPLITS:
+        for frontend_hash, totals in compact_split(settings.feature_split_root(split), hashes).items():
+            print(f"{split} [{frontend_hash}]: parts {totals['parts_before']} -> {totals['parts_after']}, "
                   f"rows {totals['rows_before']} -> {totals['rows_after']}, tombstones dropped {totals['tombstones_dropped']}")
     return 0
 

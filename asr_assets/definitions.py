@@ -29,8 +29,9 @@ def build_graph(settings: Settings) -> Graph:
     from asr_assets.defs.resources import AsrAssetsConfig
     from asr_assets.defs.sensors import build_automation_sensor, manifest_sensor
 
-    feature_assets = tuple(build_feature_asset(name) for name in settings.frontends)
-    checks = (record_cache_consistent, *(build_feature_check(n, a) for n, a in zip(settings.frontends, feature_assets)))
+    frontends = [settings.frontend(name) for name in settings.frontends]
+    feature_assets = tuple(build_feature_asset(frontend) for frontend in frontends)
+    checks = (record_cache_consistent, *(build_feature_check(f, a) for f, a in zip(frontends, feature_assets)))
     sensors = (manifest_sensor, build_automation_sensor(feature_assets))
     return Graph(manifests, record_cache, feature_assets, checks, sensors, {"asr_config": AsrAssetsConfig.from_settings(settings)})
 

@@ -371,3 +371,19 @@ def compact_shard(split_root: str | os.PathLike, shard: int, frontend_hash: str)
             part.unlink()
         return {"parts_before": len(parts), "parts_after": 1 if live else 0, "rows_before": rows_before,
                 "rows_after": len(live), "tombstones_dropped": int(tombstones)}
+
+
+def compact_split(split_root: str | os.PathLike, frontend_hashes: set[str] | None = None) -> dict[str, dict]:
+    """:func:`compact_shard` for every shard of a split and every frontend found in its parts
+    (or only ``frontend_hashes``); returns totals per frontend hash."""
+    totals: dict[str, dict] = {}
+    root = Path(split_root) / "feature_shards"
+    for directory in sorted(root.glob("features_*")) if root.is_dir() else []:
+        shard = int(directory.name.split("_")[1])
+        found = {h for h in (_part_frontend_hash(p) for p in list_parts(directory)) if h}
+        for frontend_hash in sorted(found if frontend_hashes is None else found & frontend_hashes):
+            result = compact_shard(split_root, shard, frontend_hash)
+            total = totals.setdefault(frontend_hash, dict.fromkeys(result, 0))
+            for key, value in result.items():
+                total[key] += value
+    return totals

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Sequence
 from ._fs import tmp_path_for
 from .audio import probe_duration
 from .extraction import ExtractionConfig, ShardStats, extract_shards
-from .frontends import get_frontend
+from .frontends import Frontend
 from .manifests import ManifestRow, iter_manifest_rows
 from .record_cache import RecordStore, WriteSummary, write_record_cache
 from .records import Record, RecordConfig, Rejection, build_records
@@ -113,14 +113,15 @@ def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], N
 
 def build_feature_shards(
     settings: Settings,
-    frontend_name: str,
+    frontend: str | Frontend,
     split: str,
     shards: Sequence[int],
     *,
     log: Callable[[str], None] | None = None,
     log_every_s: float = 10.0,
 ) -> dict[int, ShardStats]:
-    """Compute the missing ``frontend_name`` features of ``shards`` of ``split``.
+    """Compute the missing features of ``frontend`` (a name, resolved with the settings'
+    overrides and plugins, or a Frontend) for ``shards`` of ``split``.
 
     Requires ``record_cache/<split>.jsonl`` (see :func:`build_record_cache`). Failures of each
     shard are written to ``<output>/reports/<frontend>/<split>/shard_NN.jsonl``.
@@ -128,7 +129,9 @@ def build_feature_shards(
     Returns:
         ``{shard: ShardStats}``.
     """
-    frontend = get_frontend(frontend_name)
+    if isinstance(frontend, str):
+        frontend = settings.frontend(frontend)
+    frontend_name = frontend.name
     store = RecordStore(settings.record_cache_path(split))
     config = ExtractionConfig(
         workers=settings.effective_workers, rows_per_part=settings.rows_per_part, num_shards=settings.num_shards,

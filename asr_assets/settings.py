@@ -15,6 +15,8 @@ variable                   meaning                                             d
 ``ASR_ASSETS_FRONTENDS``   comma list of frontends                             ``squeezeformer``
 ``ASR_ASSETS_WORKERS``     feature-extraction processes                        every core
 ``ASR_ASSETS_CONFINE_AUDIO`` ``1``: audio paths must stay inside the roots       off
+``ASR_ASSETS_PLUGINS``     comma list of modules that register frontends       none
+``ASR_ASSETS_FRONTEND_OVERRIDES`` JSON ``{"squeezeformer": {"n_fft": 512}}``    none
 =========================  ==================================================  ===========================
 
 Output layout under ``output``::
@@ -26,10 +28,12 @@ Output layout under ``output``::
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from .errors import ConfigError
 
@@ -51,6 +55,10 @@ class Settings:
         manifests: manifest files or folders (several roots at once).
         output: output root folder.
         frontends: enabled frontend names (registry names of :mod:`asr_assets.frontends`).
+        frontend_overrides: ``{frontend: {setting: value}}`` config overrides, as the upstream
+            CLI's ``--n-fft`` etc.; they change the frontend's config repr and so its cache key.
+        plugins: modules imported before frontends are looked up, so that frontends they
+            register with :func:`asr_assets.frontends.register_frontend` can be enabled.
         source_base: base folder of relative audio paths instead of each manifest root.
         validation_manifests: external validation sources (upstream ``--validation-dataset-source``):
             when given, every usable row of ``manifests`` goes to train, every usable row of these
@@ -73,6 +81,8 @@ class Settings:
     manifests: tuple[str, ...] = field(default_factory=lambda: tuple(bundled_sample_manifests()))
     output: str = "artifacts"
     frontends: tuple[str, ...] = DEFAULT_FRONTENDS
+    frontend_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    plugins: tuple[str, ...] = ()
     source_base: str | None = None
     validation_manifests: tuple[str, ...] = ()
     workers: int = 0
@@ -107,6 +117,13 @@ class Settings:
             values["output"] = env["ASR_ASSETS_OUTPUT"]
         if env.get("ASR_ASSETS_FRONTENDS"):
             values["frontends"] = tuple(f.strip() for f in env["ASR_ASSETS_FRONTENDS"].split(",") if f.strip())
+        if env.get("ASR_ASSETS_PLUGINS"):
+            values["plugins"] = tuple(m.strip() for m in env["ASR_ASSETS_PLUGINS"].split(",") if m.strip())
+        if env.get("ASR_ASSETS_FRONTEND_OVERRIDES"):
+            try:
+                values["frontend_overrides"] = json.loads(env["ASR_ASSETS_FRONTEND_OVERRIDES"])
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"ASR_ASSETS_FRONTEND_OVERRIDES is not JSON: {exc}") from exc
         if env.get("ASR_ASSETS_CONFINE_AUDIO"):
             values["confine_audio_paths"] = env["ASR_ASSETS_CONFINE_AUDIO"].lower() in ("1", "true", "yes")
         if env.get("ASR_ASSETS_WORKERS"):
@@ -119,6 +136,29 @@ class Settings:
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
+
+    def load_plugins(self) -> None:
+        """Import :attr:`plugins` (each registers its frontends on import).
+
+        Raises:
+            ConfigError: a plugin module cannot be imported.
+        """
+        for module in self.plugins:
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                raise ConfigError(f"cannot import frontend plugin {module!r}: {exc}") from exc
+
+    def frontend(self, name: str):
+        """The enabled frontend ``name`` with its overrides (plugins loaded first).
+
+        Raises:
+            UnknownFrontendError, FeatureConfigError: unknown name or override.
+        """
+        from .frontends import get_frontend
+
+        self.load_plugins()
+        return get_frontend(name, **dict(self.frontend_overrides.get(name, {})))
 
     # --- layout -------------------------------------------------------------------------
     @property

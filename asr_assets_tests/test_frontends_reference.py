@@ -94,3 +94,37 @@ def test_agreement_with_librosa_on_jfk(name, preemphasis, normalize):
     x = load("jfk16k")["samples"]
     p999, worst = agreement(get_frontend(name)(x, 16000), _librosa_logmel(x, preemphasis, normalize))
     assert p999 <= 2e-3 and worst <= 0.05, f"{name}: p99.9={p999:.2e} max={worst:.2e}"
+
+
+def test_w2v_bert_band_limited_clip_keeps_float64_precision():
+    """8 kHz JFK upsampled to 16 kHz: bands above 4 kHz sit near the float32 FFT noise floor.
+
+    A float32 FFT gives p99.9 ~1e-2 / max ~2e-2 here (over the 1e-3 limit); the float64 path
+    ~2e-6 / 5e-6. Pin the float64 level so a cheaper-precision path cannot slip in unnoticed.
+    """
+    clip = next(c for c in CLIPS if "8k" in c)
+    ref = load(clip)
+    p999, worst = agreement(get_frontend("w2v-bert")(ref["samples"], 16000), ref["w2v_bert"])
+    assert p999 <= 1e-5 and worst <= 5e-5, f"{clip}: p99.9={p999:.2e} max={worst:.2e}"
+
+
+@pytest.mark.parametrize("chunk", [256, 37, 2, 1])
+def test_w2v_bert_batch_is_bit_exact(chunk, monkeypatch):
+    """The cache needs ``batch([a, b]) == [f(a), f(b)]`` bit for bit, whatever the blocking.
+
+    Includes a 257-frame utterance alone (its last block has one frame: a 1-row mel projection
+    used to round differently from the GEMM of a full block) and a one-frame utterance.
+    """
+    from asr_assets.frontends import w2v_bert
+
+    fe = get_frontend("w2v-bert")
+    clips = [load(c)["samples"] for c in CLIPS]
+    x = clips[0]
+    utts = clips + [x[: 400 + 256 * 160], x[1000:1400], x[5000:5000 + 400 + 160 * 255]]
+    singles = [fe(u, 16000) for u in utts]  # default blocking
+    monkeypatch.setattr(w2v_bert, "CHUNK_FRAMES", chunk)
+    order = list(range(len(utts)))[::-1]
+    for idx, out in zip(order, fe.batch([utts[i] for i in order]), strict=True):
+        np.testing.assert_array_equal(out, singles[idx])
+    for idx in (len(utts) - 3, len(utts) - 2):
+        np.testing.assert_array_equal(fe.batch([utts[idx]])[0], singles[idx])

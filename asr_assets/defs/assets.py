@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 import dagster as dg
 import numpy as np
 
-from asr_assets.frontends import get_frontend
+from asr_assets.frontends import Frontend
 from asr_assets.pipeline import build_feature_shards, build_record_cache
 
 from .partitions import feature_partition_key, feature_partitions, parse_feature_partition_key, split_partitions
@@ -82,9 +82,13 @@ def record_cache(context: dg.AssetExecutionContext, asr_config: AsrAssetsConfig)
     return dg.MaterializeResult()
 
 
-def build_feature_asset(frontend_name: str) -> dg.AssetsDefinition:
-    """The ``<frontend>_features`` asset: one partition = one shard of one split."""
-    frontend = get_frontend(frontend_name)
+def build_feature_asset(frontend: Frontend) -> dg.AssetsDefinition:
+    """The ``<frontend>_features`` asset: one partition = one shard of one split.
+
+    The frontend (with any overrides) is fixed when the definitions load; its hash12 is part of
+    the code version, so changing its config marks the asset's partitions stale.
+    """
+    frontend_name = frontend.name
 
     @dg.asset(
         name=feature_asset_name(frontend_name),
@@ -108,7 +112,7 @@ def build_feature_asset(frontend_name: str) -> dg.AssetsDefinition:
             by_split[split].append(shard)
         for split, shards in by_split.items():
             start = time.perf_counter()
-            stats = build_feature_shards(settings, frontend_name, split, shards, log=context.log.info)
+            stats = build_feature_shards(settings, frontend, split, shards, log=context.log.info)
             elapsed = time.perf_counter() - start
             total_audio = sum(s.audio_seconds for s in stats.values())
             context.log.info(

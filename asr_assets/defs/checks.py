@@ -15,7 +15,7 @@ import numpy as np
 
 from asr_assets.extraction import plan_shard_tasks
 from asr_assets.feature_cache import CacheCorruptError, ShardedParquetFeatureCache
-from asr_assets.frontends import get_frontend
+from asr_assets.frontends import Frontend
 from asr_assets.record_cache import RecordStore, record_store_is_valid
 
 from .assets import record_cache
@@ -60,15 +60,15 @@ def record_cache_consistent(context: dg.AssetCheckExecutionContext, asr_config: 
                                metadata={"records": dg.MetadataValue.json(counts), "problems": dg.MetadataValue.json(problems[:20])})
 
 
-def build_feature_check(frontend_name: str, asset: dg.AssetsDefinition) -> dg.AssetChecksDefinition:
+def build_feature_check(frontend: Frontend, asset: dg.AssetsDefinition) -> dg.AssetChecksDefinition:
     """Check of ``<frontend>_features``: each record of the shard has features (finite,
     ``[frames>0, feature_dim]``) or a line in the shard's failure report."""
+    frontend_name = frontend.name
 
     @dg.asset_check(asset=asset, name=FEATURES_COMPLETE, partitions_def=feature_partitions, blocking=True,
                     description=f"Every record of the shard has finite {frontend_name} features of the right width, or a reported failure.")
     def _check(context: dg.AssetCheckExecutionContext, asr_config: AsrAssetsConfig) -> dg.AssetCheckResult:
         settings = asr_config.settings(frontends=(frontend_name,))
-        frontend = get_frontend(frontend_name)
         by_split: dict[str, list[int]] = defaultdict(list)
         for key in _partition_keys(context):
             split, shard = parse_feature_partition_key(key)
