@@ -5,7 +5,9 @@ the process group) after a random delay in [0, T], where T is the uninterrupted 
 then re-runs to completion and compares records (byte-identical JSONL) and features (|Δ| ≤ 1e-5)
 with the uninterrupted reference. Prints the tally.
 
-    python scripts/soak_kill.py [--iterations 100] [--manifests PATH]... [--workdir /tmp/soak]
+    python scripts/soak_kill.py [--iterations 100] [--manifests PATH]... [--workdir /tmp/asr_assets_soak]
+
+Run from the repository root with the test extra installed (it reuses the tests' snapshot helper).
 """
 
 from __future__ import annotations
@@ -22,19 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from asr_assets import RecordStore, ShardedParquetFeatureCache
-from asr_assets.settings import SPLITS
-
-
-def snapshot(out: Path):
-    records, features = {}, {}
-    for split in SPLITS:
-        path = out / "record_cache" / f"{split}.jsonl"
-        records[split] = path.read_bytes()
-        cache = ShardedParquetFeatureCache(out / "feature-cache" / split)
-        for item in RecordStore(path):
-            features[(split, item["utterance_id"])] = cache.load(item["utterance_id"])
-    return records, features
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from asr_assets_tests.test_reliability import _snapshot as snapshot  # noqa: E402  (records, features)
 
 
 def same(a, b) -> bool:
