@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import resource
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -92,6 +93,7 @@ class ShardStats:
     parts_written: int = 0
     tombstoned: int = 0
     worker_seconds: float = 0.0
+    worker_peak_rss_mib: float = 0.0
     failures: list[Failure] = field(default_factory=list)
 
     @property
@@ -124,11 +126,12 @@ def _init_worker(frontend: Frontend, decode_config: DecodeConfig, duration_toler
     _STATE.update(frontend=frontend, decode=decode_config, duration_tolerance=duration_tolerance)
 
 
-def _featurize(task: _Task) -> tuple[bytes | None, float, int, str | None, str | None, float]:
-    """-> (payload, audio seconds, frames, failed stage, error, worker seconds) for one utterance."""
+def _featurize(task: _Task) -> tuple:
+    """-> (payload, audio seconds, frames, failed stage, error, worker seconds, worker peak RSS MiB)."""
     start = time.perf_counter()
     result = _featurize_timed(task)
-    return (*result, time.perf_counter() - start)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return (*result, time.perf_counter() - start, peak_mib)
 
 
 def _featurize_timed(task: _Task) -> tuple[bytes | None, float, int, str | None, str | None]:
@@ -247,9 +250,10 @@ def _extract_locked(plan, split_root, frontend: Frontend, fhash: str, config: Ex
             writers[shard].close()  # tombstones only (or nothing): commit now
     try:
         for done, (task, result) in enumerate(_run(todo, (frontend, decode, config.duration_tolerance), config.workers), start=1):
-            payload, seconds, frames, stage, error, busy = result
+            payload, seconds, frames, stage, error, busy, peak_mib = result
             shard_stats = stats[task.shard]
             shard_stats.worker_seconds += busy
+            shard_stats.worker_peak_rss_mib = max(shard_stats.worker_peak_rss_mib, peak_mib)
             if payload is None:
                 failure = Failure(task.utterance_id, task.source, stage or "featurize", error or "unknown", task.shard)
                 if config.fail_fast:
@@ -277,8 +281,12 @@ _CRASHED = "worker process died (killed by a signal, e.g. a decoder crash) while
 
 
 def _pool(workers: int, state: tuple) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"),
-                               initializer=_init_worker, initargs=state)
+    # forkserver, not fork: the caller may be a Dagster step with threads. Preloading this module
+    # in the fork server (numpy, scipy, soundfile, soxr, PyAV) makes each new worker a cheap fork
+    # instead of a fresh interpreter that imports everything again (~1 s per pool otherwise).
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["asr_assets.extraction", "av"])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker, initargs=state)
 
 
 def _isolated(task: _Task, state: tuple):
@@ -287,7 +295,23 @@ def _isolated(task: _Task, state: tuple):
         try:
             return pool.submit(_featurize, task).result()
         except BrokenProcessPool:
-            return None, 0.0, 0, "worker", _CRASHED, 0.0
+            return None, 0.0, 0, "worker", _CRASHED, 0.0, 0.0
+
+
+def _ping() -> bool:
+    return True
+
+
+def _check_workers_start(state: tuple) -> None:
+    """Raise if a fresh worker cannot even run a no-op (a broken environment, not bad audio)."""
+    with _pool(1, state) as pool:
+        try:
+            pool.submit(_ping).result()
+        except BrokenProcessPool as exc:
+            raise AsrAssetsError(
+                "feature worker processes die at start-up (multiprocessing re-imports __main__: run from a "
+                "file or a notebook, not stdin; or run with workers=1 to see the error in-process)"
+            ) from exc
 
 
 def _run(tasks: list[_Task], state: tuple, workers: int):
@@ -303,6 +327,7 @@ def _run(tasks: list[_Task], state: tuple, workers: int):
             yield task, _featurize(task)
         return
     pending = deque(tasks)
+    healthy = False  # has any worker ever finished a task?
     while pending:
         with _pool(min(workers, len(pending)), state) as pool:
             window: deque = deque()
@@ -314,10 +339,14 @@ def _run(tasks: list[_Task], state: tuple, workers: int):
                 try:
                     result = future.result()
                 except BrokenProcessPool:
+                    if not healthy:
+                        _check_workers_start(state)
+                        healthy = True
                     for suspect in [task, *(t for t, _ in window)]:
                         yield suspect, _isolated(suspect, state)
                     window.clear()
                     break  # a new pool for what is left
+                healthy = True
                 yield task, result
                 if pending:
                     nxt = pending.popleft()

@@ -132,6 +132,7 @@ def build_feature_asset(frontend: Frontend) -> dg.AssetsDefinition:
                         "audio_seconds": round(s.audio_seconds, 2),
                         "audio_hours": round(s.audio_seconds / 3600, 5),
                         "xrt_per_core": round(s.xrt_per_core, 1),
+                        "worker_peak_rss_mib": round(s.worker_peak_rss_mib, 1),
                         "frames": s.frames,
                         "parts_written": s.parts_written,
                         "empty_shard": s.records == 0,

@@ -22,12 +22,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import scipy.fft
-from numpy.lib.stride_tricks import as_strided
 
 from asr_assets.errors import FeatureConfigError
 
 from .base import (
+    _EPS32,
     CHUNK_FRAMES,
+    CONSTANT_COLUMN_ULPS,
     Frontend,
     MelBands,
     check_bool,
@@ -43,6 +44,14 @@ from .base import (
 LOG_FLOOR = 1e-5
 #: Lower clamp of the per-column standard deviation (upstream ``clamp_min(1e-5)``).
 STD_FLOOR = 1e-5
+#: Elements per row group of :func:`_rows_op` (rows of the feature matrix tiled to ~this size).
+_TILE_ELEMS = 2048
+
+try:  # scipy's pocketfft binding (the function behind scipy.fft.rfft), which accepts ``out``
+    from scipy.fft._pocketfft.pypocketfft import r2c as _R2C
+except ImportError:  # pragma: no cover - other scipy layouts: public API, one copy more
+    _R2C = None
+
 #: Lower clamp of ``max|x|`` in signal normalization (upstream ``clamp_min(1e-6)``).
 PEAK_FLOOR = 1e-6
 
@@ -311,12 +320,65 @@ class _Signal:
         return dst
 
 
+def _rfft_rows(frames: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out[:] = scipy.fft.rfft(frames, axis=1)`` (float32 -> complex64), written in place.
+
+    ``scipy.fft.rfft`` has no ``out=``: it allocates a fresh complex64 result per block, whose
+    first touch costs about one page fault per 4 KiB (~2x the transform itself on 10 s
+    utterances). scipy's pocketfft binding takes ``out``; the public function is the fallback.
+    Rows are transformed independently (a row gives the same bits alone or in a block).
+    """
+    if _R2C is not None:
+        return _R2C(frames, (1,), True, 0, out, 1)
+    np.copyto(out, scipy.fft.rfft(frames, axis=1, workers=1))
+    return out
+
+
+def _rows_op(op: np.ufunc, x: np.ndarray, row: np.ndarray, tiled: np.ndarray) -> None:
+    """``op(x, row, out=x)`` for C-contiguous ``x (n, m)`` and ``row (m,)``.
+
+    Broadcasting a short row runs numpy's inner loop once per row (~20 ns each); operating on
+    groups of ``len(tiled) // m`` rows against ``tiled = tile(row, k)`` gives the same
+    (element-wise) result several times faster.
+    """
+    n, m = x.shape
+    k = tiled.shape[0] // m
+    q = n // k
+    if q:
+        head = x[: q * k].reshape(q, k * m)
+        op(head, tiled, out=head)
+    if q * k < n:
+        op(x[q * k :], row, out=x[q * k :])
+
+
+def _standardize_columns(x: np.ndarray) -> None:
+    """:func:`~.base.normalize_columns` with ``ddof=0, std_floor=STD_FLOOR, axis=0``, in place
+    and bit for bit (same float64 mean, same sums), with faster row-broadcast passes."""
+    n, m = x.shape
+    if n == 0:
+        return
+    mean = x.sum(axis=0, dtype=np.float64) / n
+    mean32 = mean.astype(np.float32)
+    k = max(1, min(n, _TILE_ELEMS // m))
+    _rows_op(np.subtract, x, mean32, np.tile(mean32, k))
+    var = np.einsum("ij,ij->j", x, x).astype(np.float64) / n
+    std = np.sqrt(var)
+    constant = std <= CONSTANT_COLUMN_ULPS * _EPS32 * np.abs(mean)
+    scale = np.where(constant, 0.0, 1.0 / np.maximum(std, STD_FLOOR)).astype(np.float32)
+    _rows_op(np.multiply, x, scale, np.tile(scale, k))
+
+
 def logmel_batch(signals: Sequence[np.ndarray], cfg: LogMelConfig) -> list[np.ndarray]:
     """Compute HTK log-mel features for several utterances at ``cfg.sample_rate``.
 
     Frames of all utterances are packed into blocks of :data:`CHUNK_FRAMES`, each transformed by
-    one ``scipy.fft.rfft`` (workers=1) and one banded mel projection; the padded signal of each
-    block is computed into a reused scratch buffer (no per-utterance copies).
+    one real FFT (scipy's pocketfft, one thread, into a reused buffer) and one banded mel
+    projection; the padded signal of each block is computed into a reused scratch buffer (no
+    per-utterance copies).
+
+    Output is deterministic per frame: batching, block boundaries and call grouping do not
+    change a single bit (element-wise signal and window arithmetic, row-independent FFT, and
+    one-row blocks are projected as two rows, see the block loop).
 
     Args:
         signals: mono utterances, each ``float32 (num_samples,)`` in [-1, 1].
@@ -330,20 +392,35 @@ def logmel_batch(signals: Sequence[np.ndarray], cfg: LogMelConfig) -> list[np.nd
     sigs = [_Signal(np.ascontiguousarray(x, dtype=np.float32), cfg) for x in signals]
     counts = [_num_frames(cfg, s.n) for s in sigs]
     outs = [np.empty((c, cfg.n_mels), dtype=np.float32) for c in counts]
+    n_fft, hop = cfg.n_fft, cfg.hop_length
     size = min(CHUNK_FRAMES, max(sum(counts), 1))
-    samples = scratch("logmel.samples", ((size - 1) * cfg.hop_length + cfg.n_fft,), np.float32)
-    buf = scratch("logmel.frames", (size, cfg.n_fft), np.float32)
-    mel = scratch("logmel.mel", (size, cfg.n_mels), np.float32)
-    hop = cfg.hop_length
+    # At least 2 rows: a 1-row mel projection goes through a matrix-vector product whose
+    # rounding differs from the GEMM used for more rows (see the block loop).
+    rows_max = max(size, 2)
+    samples = scratch("logmel.samples", ((size - 1) * hop + n_fft,), np.float32)
+    buf = scratch("logmel.frames", (rows_max, n_fft), np.float32)
+    spec = scratch("logmel.spec", (rows_max, n_fft // 2 + 1), np.complex64)
+    mel = scratch("logmel.mel", (rows_max, cfg.n_mels), np.float32)
     for block in frame_chunks(counts, CHUNK_FRAMES):
         rows = block[-1][3] + block[-1][2]
         for idx, start, take, row in block:
-            seg = sigs[idx].fill(start * hop, (start + take - 1) * hop + cfg.n_fft, samples)
-            step = seg.strides[0]
-            frames = as_strided(seg, shape=(take, cfg.n_fft), strides=(hop * step, step), writeable=False)
-            np.multiply(frames, window, out=buf[row : row + take])
-        spec = scipy.fft.rfft(buf[:rows], axis=1, workers=1)
-        bands.power_mel(spec, mel[:rows])
+            seg = sigs[idx].fill(start * hop, (start + take - 1) * hop + n_fft, samples)
+            # Overlapping frames as a strided view (the ndarray constructor has far less
+            # per-call overhead than as_strided / sliding_window_view).
+            frames = np.ndarray((take, n_fft), np.float32, seg, 0, (hop * 4, 4))
+            # einsum's product loop is faster than np.multiply's broadcast loop here (one
+            # correctly rounded product per element either way).
+            np.einsum("ij,j->ij", frames, window, out=buf[row : row + take])
+        _rfft_rows(buf[:rows], spec[:rows])
+        # A block of one frame (total frames = 1 mod CHUNK_FRAMES, or a one-frame call) is
+        # projected as two rows with a zero second row: numpy's matmul with one row uses a
+        # matrix-vector product that rounds differently from the GEMM, so the same frame
+        # would get a different value alone than in a batch (the cache needs batch([a, b])
+        # == [f(a), f(b)] exactly).
+        mel_rows = max(rows, 2)
+        if rows == 1:
+            spec[1] = 0.0
+        bands.power_mel(spec[:mel_rows], mel[:mel_rows])
         for idx, start, take, row in block:
             sig, part, dst = sigs[idx], mel[row : row + take], outs[idx][start : start + take]
             np.maximum(part, sig.floor, out=part)
@@ -351,9 +428,11 @@ def logmel_batch(signals: Sequence[np.ndarray], cfg: LogMelConfig) -> list[np.nd
             if sig.norm and not cfg.normalize_feature:  # standardization would cancel it
                 dst += sig.log_gain
     if cfg.normalize_feature:
-        axis = 1 if cfg.normalize_per_frame else 0
         for out in outs:
-            normalize_columns(out, ddof=0, std_floor=STD_FLOOR, axis=axis)
+            if cfg.normalize_per_frame:
+                normalize_columns(out, ddof=0, std_floor=STD_FLOOR, axis=1)
+            else:
+                _standardize_columns(out)
     return outs
 
 
