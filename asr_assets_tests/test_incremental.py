@@ -150,3 +150,29 @@ def test_staleness_follows_manifests_and_frontend_config(tmp_path):
     changed = build_definitions(settings.with_(frontends=("zipformer",))).get_assets_def("zipformer_features").code_versions_by_key
     assert code[dg.AssetKey("squeezeformer_features")].endswith("0a48384efcf3")
     assert changed[dg.AssetKey("zipformer_features")].endswith("4d9c4bc8f09a")
+
+
+def test_sensor_tick_only_stats_files_even_with_thousands_of_manifests(tmp_path, monkeypatch):
+    import builtins
+
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    for i in range(3000):
+        sub = tmp_path / f"drop{i // 500:02d}"
+        sub.mkdir(exist_ok=True)
+        (sub / f"part-{i:05d}.tsv").write_text("id\tpath\tsentence\tduration\n", encoding="utf-8")
+    graph = build_graph(Settings(manifests=(str(tmp_path),), output=str(tmp_path / "out")))
+    instance = dg.DagsterInstance.ephemeral()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the sensor tick read a file: {args[:1]}")
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    monkeypatch.setattr(pyarrow.csv, "open_csv", refuse)
+    monkeypatch.setattr(pyarrow.parquet, "ParquetFile", refuse)
+    result = manifest_sensor(dg.build_sensor_context(instance=instance, resources=graph.resources))
+    assert len(result.run_requests) == 3
+    assert result.asset_events[0].metadata["roots"].value[str(tmp_path)]["files"] == 3000
+    monkeypatch.undo()
+    assert len(result.cursor) < 200  # one digest per root, not a file list
