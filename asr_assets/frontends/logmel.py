@@ -10,14 +10,16 @@ The algorithm restates upstream ``AudioFeaturizer.forward`` (squeezeformer_pytor
 ``frontend.py``), which wraps torchaudio ``MelSpectrogram`` with its defaults: centred STFT with
 reflect padding, periodic Hann window, power 2, HTK mel scale, no filter normalization; then
 ``log(max(mel, 1e-5))`` and optional per-column standardization. Everything runs in float32
-with one ``scipy.fft.rfft`` and one banded mel projection (:class:`~.base.MelBands`) per
-block of :data:`~.base.CHUNK_FRAMES` frames packed across utterances.
+with one real FFT (scipy's pocketfft, into a reused buffer) and one banded mel projection
+(:class:`~.base.MelBands`) per block of :data:`~.base.CHUNK_FRAMES` frames packed across
+utterances. Output is bit-for-bit independent of batching and blocking.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -45,7 +47,7 @@ LOG_FLOOR = 1e-5
 #: Lower clamp of the per-column standard deviation (upstream ``clamp_min(1e-5)``).
 STD_FLOOR = 1e-5
 #: Elements per row group of :func:`_rows_op` (rows of the feature matrix tiled to ~this size).
-_TILE_ELEMS = 2048
+_TILE_ELEMS = 8192
 
 try:  # scipy's pocketfft binding (the function behind scipy.fft.rfft), which accepts ``out``
     from scipy.fft._pocketfft.pypocketfft import r2c as _R2C
@@ -271,8 +273,10 @@ class _Signal:
         self.norm = bool(cfg.normalize_signal and self.n)
         self.mean, self.scale = 0.0, 1.0
         if self.norm:
-            self.mean = float(x.mean())
-            self.scale = 1.0 / max(float(x.max()) - self.mean, self.mean - float(x.min()), PEAK_FLOOR)
+            # == float(x.mean()) (float32 pairwise sum, float32 division) without its overhead
+            self.mean = float(np.add.reduce(x) / self.n)
+            peak = max(float(np.maximum.reduce(x)) - self.mean, self.mean - float(np.minimum.reduce(x)))
+            self.scale = 1.0 / max(peak, PEAK_FLOOR)
         self.floor = np.float32(LOG_FLOOR / self.scale**2)
         self.log_gain = np.float32(2.0 * np.log(self.scale))
 
@@ -359,13 +363,45 @@ def _standardize_columns(x: np.ndarray) -> None:
         return
     mean = x.sum(axis=0, dtype=np.float64) / n
     mean32 = mean.astype(np.float32)
-    k = max(1, min(n, _TILE_ELEMS // m))
-    _rows_op(np.subtract, x, mean32, np.tile(mean32, k))
-    var = np.einsum("ij,ij->j", x, x).astype(np.float64) / n
-    std = np.sqrt(var)
+    k = _TILE_ELEMS // m
+    tiled = n >= 2 * k > 0
+    if tiled:
+        _rows_op(np.subtract, x, mean32, np.tile(mean32, k))
+    else:
+        np.subtract(x, mean32, out=x)
+    std = np.sqrt(np.einsum("ij,ij->j", x, x).astype(np.float64) / n)
     constant = std <= CONSTANT_COLUMN_ULPS * _EPS32 * np.abs(mean)
-    scale = np.where(constant, 0.0, 1.0 / np.maximum(std, STD_FLOOR)).astype(np.float32)
-    _rows_op(np.multiply, x, scale, np.tile(scale, k))
+    scale = (1.0 / np.maximum(std, STD_FLOOR)).astype(np.float32)
+    scale[constant] = 0.0
+    if tiled:
+        _rows_op(np.multiply, x, scale, np.tile(scale, k))
+    else:
+        np.multiply(x, scale, out=x)
+
+
+_LOCAL = threading.local()
+
+
+def _buffers(chunk: int, n_fft: int, hop: int, n_mels: int) -> tuple[np.ndarray, ...]:
+    """Per-thread block buffers ``(samples, frames, spectrum, mel)`` for ``chunk`` frames.
+
+    Looked up once per call (one dict access instead of four :func:`~.base.scratch` calls,
+    which matters for short utterances). Frames, spectrum and mel have at least 2 rows: a
+    1-row block is projected as two (see :func:`logmel_batch`). Uninitialized content.
+    """
+    key = (chunk, n_fft, hop, n_mels)
+    cache = _LOCAL.__dict__.setdefault("buffers", {})
+    bufs = cache.get(key)
+    if bufs is None:
+        rows = max(chunk, 2)
+        bufs = (
+            scratch(f"logmel.samples{key}", ((chunk - 1) * hop + n_fft,), np.float32),
+            scratch(f"logmel.frames{key}", (rows, n_fft), np.float32),
+            scratch(f"logmel.spec{key}", (rows, n_fft // 2 + 1), np.complex64),
+            scratch(f"logmel.mel{key}", (rows, n_mels), np.float32),
+        )
+        cache[key] = bufs
+    return bufs
 
 
 def logmel_batch(signals: Sequence[np.ndarray], cfg: LogMelConfig) -> list[np.ndarray]:
@@ -393,14 +429,7 @@ def logmel_batch(signals: Sequence[np.ndarray], cfg: LogMelConfig) -> list[np.nd
     counts = [_num_frames(cfg, s.n) for s in sigs]
     outs = [np.empty((c, cfg.n_mels), dtype=np.float32) for c in counts]
     n_fft, hop = cfg.n_fft, cfg.hop_length
-    size = min(CHUNK_FRAMES, max(sum(counts), 1))
-    # At least 2 rows: a 1-row mel projection goes through a matrix-vector product whose
-    # rounding differs from the GEMM used for more rows (see the block loop).
-    rows_max = max(size, 2)
-    samples = scratch("logmel.samples", ((size - 1) * hop + n_fft,), np.float32)
-    buf = scratch("logmel.frames", (rows_max, n_fft), np.float32)
-    spec = scratch("logmel.spec", (rows_max, n_fft // 2 + 1), np.complex64)
-    mel = scratch("logmel.mel", (rows_max, cfg.n_mels), np.float32)
+    samples, buf, spec, mel = _buffers(CHUNK_FRAMES, n_fft, hop, cfg.n_mels)
     for block in frame_chunks(counts, CHUNK_FRAMES):
         rows = block[-1][3] + block[-1][2]
         for idx, start, take, row in block:
