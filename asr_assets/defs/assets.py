@@ -6,7 +6,6 @@ Both iterate ``context.partition_keys``, so one run may cover one partition (CLI
 partition either way.
 """
 
-
 import time
 from collections import Counter, defaultdict
 
@@ -21,6 +20,7 @@ from .resources import AsrAssetsConfig
 
 MANIFESTS_KEY = dg.AssetKey("manifests")
 RECORD_CACHE_VERSION = "1"
+FEATURES_CODE_VERSION = "1"
 
 manifests = dg.AssetSpec(
     MANIFESTS_KEY,
@@ -28,7 +28,6 @@ manifests = dg.AssetSpec(
     kinds={"tsv", "parquet"},
     description="The manifest roots (external: observed by manifest_sensor, whose digest is its data version).",
 )
-FEATURES_CODE_VERSION = "1"
 
 
 def feature_asset_name(frontend: str) -> str:
@@ -129,6 +128,7 @@ def build_feature_asset(frontend: Frontend) -> dg.AssetsDefinition:
                         "computed": s.computed,
                         "skipped_already_cached": s.skipped,
                         "failures": s.failed,
+                        "tombstoned": s.tombstoned,
                         "audio_seconds": round(s.audio_seconds, 2),
                         "audio_hours": round(s.audio_seconds / 3600, 5),
                         "xrt_per_core": round(s.xrt_per_core, 1),
