@@ -126,10 +126,13 @@ def materialize(settings: Settings) -> int:
           f"(frontends {', '.join(settings.frontends)}; DAGSTER_HOME={os.environ['DAGSTER_HOME']})", flush=True)
 
     def run(selection, start: str, end: str, what: str) -> bool:
+        one = start == end  # a single partition: per-partition data version and check history
+        tags = {"asr/cli": "materialize"}
+        if not one:
+            tags.update({"dagster/asset_partition_range_start": start, "dagster/asset_partition_range_end": end})
         result = dg.materialize(
             everything, selection=selection, instance=instance, resources=graph.resources, raise_on_error=False,
-            run_config=_QUIET_LOGS,
-            tags={"dagster/asset_partition_range_start": start, "dagster/asset_partition_range_end": end, "asr/cli": "materialize"},
+            run_config=_QUIET_LOGS, partition_key=start if one else None, tags=tags,
         )
         if not result.success:
             print(f"asr-assets: run {result.run_id} ({what}) FAILED; see `dagster dev` or the log above", file=sys.stderr)
