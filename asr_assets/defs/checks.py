@@ -45,10 +45,10 @@ def record_cache_consistent(context: dg.AssetCheckExecutionContext, asr_config: 
             problems.append(f"{split}: sidecar sizes disagree with the offsets")
             continue
         store = RecordStore(path)
-        lines = path.read_bytes().count(b"\n")
+        data = path.read_bytes()
+        lines = data.count(b"\n")
         if lines != len(store):
             problems.append(f"{split}: {lines} JSONL lines but {len(store)} offsets")
-        data = path.read_bytes()
         bad = [int(o) for o in store.offsets if o and data[o - 1:o] != b"\n"]
         if bad:
             problems.append(f"{split}: {len(bad)} offsets not at a line start")
