@@ -24,6 +24,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from ._fs import tmp_path_for
 from .audio import probe_duration
 from .extraction import ExtractionConfig, ShardStats, extract_shards
@@ -52,11 +55,48 @@ def write_jsonl_report(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     return count
 
 
-def _probe(row: ManifestRow) -> float:
-    source = row.audio_bytes if row.audio_bytes else row.audio_path
-    if source is None:
-        raise ValueError("no audio to probe")
-    return probe_duration(source, hint=row.audio_path)
+class DurationProbe:
+    """Durations read from audio headers, remembered across builds in
+    ``<output>/record_cache/probed_durations.parquet`` keyed by (path, size, mtime_ns), so a
+    corpus without a duration column (Common Voice) is probed once, not at every manifest drop.
+
+    Embedded bytes are probed every time (cheap: no file system access). The cache file is
+    replaced atomically; two builds saving at once may drop each other's new entries, which are
+    then probed again.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.known: dict[tuple[str, int, int], float] = {}
+        self.added = 0
+        if path.exists():
+            try:
+                table = pq.read_table(path).to_pydict()
+                self.known = dict(zip(zip(table["path"], table["size"], table["mtime_ns"]), table["duration_s"]))
+            except (pa.ArrowException, KeyError, OSError):
+                self.known = {}  # a damaged cache is only a cache
+
+    def __call__(self, row: ManifestRow) -> float:
+        if row.audio_bytes:
+            return probe_duration(row.audio_bytes, hint=row.audio_path)
+        if row.audio_path is None:
+            raise ValueError("no audio to probe")
+        st = os.stat(row.audio_path)
+        key = (row.audio_path, st.st_size, st.st_mtime_ns)
+        if key not in self.known:
+            self.known[key] = probe_duration(row.audio_path)
+            self.added += 1
+        return self.known[key]
+
+    def save(self) -> None:
+        if not self.added:
+            return
+        paths, sizes, mtimes = zip(*self.known) if self.known else ((), (), ())
+        table = pa.table({"path": list(paths), "size": list(sizes), "mtime_ns": list(mtimes),
+                          "duration_s": list(self.known.values())})
+        tmp = tmp_path_for(self.path)
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.path)
 
 
 @dataclass
@@ -93,9 +133,11 @@ def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], N
         rejections.append(Rejection(None, split, manifest, manifest, rows_read + 1, None, "manifest",
                                     f"manifest file unreadable after {rows_read} rows: {error}"))
 
+    probe = DurationProbe(settings.record_cache_path(split).parent / "probed_durations.parquet")
+
     def accepted() -> Iterable[Record]:
         rows = iter_manifest_rows(sources, source_base=settings.source_base, on_error=manifest_failed)
-        for item in build_records(rows, config, probe_duration=_probe, splits=[split], fixed_split=fixed_split,
+        for item in build_records(rows, config, probe_duration=probe, splits=[split], fixed_split=fixed_split,
                                   allowed_audio_roots=settings.audio_roots()):
             if isinstance(item, Rejection):
                 rejections.append(item)
@@ -103,6 +145,7 @@ def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], N
                 yield item
 
     summary = write_record_cache(settings.record_cache_path(split), accepted())
+    probe.save()
     report = settings.records_report_path(split)
     write_jsonl_report(report, (r.to_report() for r in rejections))
     if log:

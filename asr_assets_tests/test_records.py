@@ -139,3 +139,31 @@ def test_config_validation():
         RecordConfig(val_fraction=0.6, test_fraction=0.4)
     with pytest.raises(ConfigError):
         RecordConfig(min_transcript_chars=0)
+
+
+def test_probed_durations_are_remembered_across_builds(shared_data, tmp_path, monkeypatch):
+    import asr_assets.pipeline as pipeline
+    from asr_assets.pipeline import build_record_cache
+    from asr_assets.record_cache import RecordStore
+    from asr_assets.settings import Settings
+
+    root = tmp_path / "cv"
+    (root / "clips").mkdir(parents=True)
+    lines = (shared_data / "nl_cv" / "validated.tsv").read_text(encoding="utf-8").splitlines()[:6]
+    for line in lines[1:]:
+        name = line.split("\t")[1]
+        (root / name).write_bytes((shared_data / "nl_cv" / name).read_bytes())
+    (root / "validated.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    settings = Settings(manifests=(str(root),), output=str(tmp_path / "out"), validation_manifests=())
+    calls = []
+    real = pipeline.probe_duration
+    monkeypatch.setattr(pipeline, "probe_duration", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    first = {s: len(RecordStore(build_record_cache(settings, s).summary.path)) for s in ("train", "validation", "test")}
+    assert sum(first.values()) == 5 and len(calls) == 5  # each clip probed once, by its own split
+    durations = [r["num_samples"] for s in ("train", "validation", "test") for r in RecordStore(settings.record_cache_path(s))]
+    assert all(16000 < n < 16000 * 30 for n in durations)
+    calls.clear()
+    for s in ("train", "validation", "test"):
+        build_record_cache(settings, s)  # a rebuild (e.g. after a manifest drop) probes nothing again
+    assert calls == []
+    assert [r["num_samples"] for s in ("train", "validation", "test") for r in RecordStore(settings.record_cache_path(s))] == durations
