@@ -131,7 +131,16 @@ def _resolve(path_value: str | None, base: Path) -> str | None:
     return str(base / path_value)
 
 
-def _read_batches(path: Path) -> Iterator[pa.RecordBatch]:
+def _read_batches(path: Path, invalid_rows: list | None = None) -> Iterator[pa.RecordBatch]:
+    """Record batches of one manifest; a TSV row with the wrong number of cells is skipped and
+    appended to ``invalid_rows`` as ``(line number, description)`` (raised without the list)."""
+
+    def invalid(row) -> str:
+        if invalid_rows is None:
+            return "error"
+        invalid_rows.append((row.number, f"expected {row.expected_columns} cells, got {row.actual_columns}: {row.text[:200]!r}"))
+        return "skip"
+
     try:
         if path.suffix.lower() == ".tsv":
             # Every column typed as string: a stray value never breaks type inference, and
@@ -144,7 +153,7 @@ def _read_batches(path: Path) -> Iterator[pa.RecordBatch]:
             reader = pacsv.open_csv(
                 path,
                 read_options=pacsv.ReadOptions(block_size=block_size),
-                parse_options=pacsv.ParseOptions(delimiter="\t", quote_char='"'),
+                parse_options=pacsv.ParseOptions(delimiter="\t", quote_char='"', invalid_row_handler=invalid),
                 convert_options=pacsv.ConvertOptions(
                     column_types={name: pa.string() for name in header},
                     strings_can_be_null=True, null_values=[""],
@@ -187,7 +196,8 @@ def iter_manifest_rows(
         sources: manifest files or folders.
         source_base: if set, the base of every relative audio path instead of each root.
         on_error: called as ``on_error(manifest_path, rows_read, error)`` when one manifest file
-            cannot be parsed; reading goes on with the next file. Without it the error is raised.
+            cannot be parsed (reading goes on with the next file) or one TSV line has the wrong
+            number of cells (that line is skipped). Without it the error is raised.
 
     Yields:
         :class:`ManifestRow` per row. Audio resolution (spec §2.3): a non-empty ``path`` wins and
@@ -207,8 +217,13 @@ def iter_manifest_rows(
         counter = 0
         for manifest in files:
             read = 0
+            invalid_rows: list | None = [] if on_error is not None else None
             try:
-                for batch in _read_batches(manifest):
+                for batch in _read_batches(manifest, invalid_rows):
+                    for line, problem in invalid_rows or ():
+                        on_error(str(manifest), read, ManifestError(f"line {line} skipped: {problem}"))
+                    if invalid_rows:
+                        invalid_rows.clear()
                     for cells in _rows_of_batch(batch):
                         counter += 1
                         read += 1

@@ -167,3 +167,19 @@ def test_probed_durations_are_remembered_across_builds(shared_data, tmp_path, mo
         build_record_cache(settings, s)  # a rebuild (e.g. after a manifest drop) probes nothing again
     assert calls == []
     assert [r["num_samples"] for s in ("train", "validation", "test") for r in RecordStore(settings.record_cache_path(s))] == durations
+
+
+def test_ragged_tsv_rows_are_skipped_and_reported(tmp_path):
+    (tmp_path / "a.wav").write_bytes(b"x")
+    (tmp_path / "m.tsv").write_text(
+        "id\tpath\tsentence\tduration\n"
+        "u1\ta.wav\tfine\t1.0\n"
+        "u2\ta.wav\ttoo\tmany\tcells\n"
+        "u3\ta.wav\n"
+        "u4\ta.wav\talso fine\t2.0\n", encoding="utf-8")
+    errors = []
+    rows = list(iter_manifest_rows([tmp_path / "m.tsv"], on_error=lambda m, n, e: errors.append(str(e))))
+    assert [r.utterance_id for r in rows] == ["u1", "u4"]
+    assert len(errors) == 2 and errors[0].startswith("line ") and "expected 4 cells, got 5" in errors[0]
+    with pytest.raises(ManifestError):
+        list(iter_manifest_rows([tmp_path / "m.tsv"]))
