@@ -152,7 +152,7 @@ def _read_batches(path: Path, invalid_rows: list | None = None) -> Iterator[pa.R
             block_size = max(1 << 22, min(path.stat().st_size + 1, 1 << 28))
             reader = pacsv.open_csv(
                 path,
-                read_options=pacsv.ReadOptions(block_size=block_size),
+                read_options=pacsv.ReadOptions(block_size=block_size, use_threads=False),
                 parse_options=pacsv.ParseOptions(delimiter="\t", quote_char='"', invalid_row_handler=invalid),
                 convert_options=pacsv.ConvertOptions(
                     column_types={name: pa.string() for name in header},

@@ -180,6 +180,7 @@ def test_ragged_tsv_rows_are_skipped_and_reported(tmp_path):
     errors = []
     rows = list(iter_manifest_rows([tmp_path / "m.tsv"], on_error=lambda m, n, e: errors.append(str(e))))
     assert [r.utterance_id for r in rows] == ["u1", "u4"]
-    assert len(errors) == 2 and errors[0].startswith("line ") and "expected 4 cells, got 5" in errors[0]
+    assert errors == ["line 3 skipped: expected 4 cells, got 5: 'u2\\ta.wav\\ttoo\\tmany\\tcells'",
+                      "line 4 skipped: expected 4 cells, got 2: 'u3\\ta.wav'"]
     with pytest.raises(ManifestError):
         list(iter_manifest_rows([tmp_path / "m.tsv"]))
