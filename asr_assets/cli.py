@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="import MODULE first (it registers frontends); repeatable (default: $ASR_ASSETS_PLUGINS)")
     over = mat.add_argument_group("frontend overrides (upstream CLI flags; they change the cache key)")
     for flag, kind in _OVERRIDES.items():
-        over.add_argument(flag, type=kind, metavar=kind.__name__.upper().replace("_BOOL", "BOOL"))
+        over.add_argument(flag, type=kind, metavar=kind.__name__.upper())
     mat.add_argument("--workers", type=int, help="feature-extraction processes (default: every core)")
     mat.add_argument("--source-base", metavar="DIR", help="base folder of relative audio paths instead of each manifest root")
     mat.add_argument("--no-ffmpeg-fallback", action="store_true", help="decode with libsndfile only (no PyAV)")

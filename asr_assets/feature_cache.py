@@ -259,8 +259,7 @@ class ShardedParquetFeatureCache:
         owners: dict[Path, str | None] = {}
         for part in parts:  # oldest first: later rows override earlier ones
             parquet = pq.ParquetFile(part)
-            metadata = parquet.schema_arrow.metadata or {}
-            owners[part] = metadata.get(b"frontend_hash", b"").decode() or None
+            owners[part] = _frontend_hash_of(parquet.schema_arrow)
             table = parquet.read(columns=["key", "deleted"])
             keys = table.column("key").to_pylist()
             deleted = table.column("deleted").to_pylist()
@@ -328,9 +327,13 @@ class ShardedParquetFeatureCache:
         self._index.clear()
 
 
+def _frontend_hash_of(schema: pa.Schema) -> str | None:
+    """The ``frontend_hash`` a part's writer recorded in its metadata (None: not asr_assets)."""
+    return (schema.metadata or {}).get(b"frontend_hash", b"").decode() or None
+
+
 def _part_frontend_hash(part: Path) -> str | None:
-    metadata = pq.read_schema(part).metadata or {}
-    return metadata.get(b"frontend_hash", b"").decode() or None
+    return _frontend_hash_of(pq.read_schema(part))
 
 
 def compact_shard(split_root: str | os.PathLike, shard: int, frontend_hash: str) -> dict:

@@ -231,7 +231,7 @@ def iter_manifest_rows(
             except ManifestError as exc:
                 if on_error is None:
                     raise
-                on_error(str(manifest), read, exc)
+                on_error(str(manifest), read, ManifestError(f"manifest file unreadable after {read} rows: {exc}"))
 
 
 def _make_row(cells: dict, source: str, manifest: str, counter: int, base: Path) -> ManifestRow:

@@ -130,8 +130,7 @@ def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], N
     rejections: list[Rejection] = []
 
     def manifest_failed(manifest: str, rows_read: int, error: Exception) -> None:
-        reason = str(error) if str(error).startswith("line ") else f"manifest file unreadable after {rows_read} rows: {error}"
-        rejections.append(Rejection(None, split, manifest, manifest, rows_read + 1, None, "manifest", reason))
+        rejections.append(Rejection(None, split, manifest, manifest, rows_read + 1, None, "manifest", str(error)))
 
     probe = DurationProbe(settings.record_cache_path(split).parent / "probed_durations.parquet")
 
