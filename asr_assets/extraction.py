@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+import threadpoolctl
 
 from ._fs import remove_stale_tmp
 from .audio import DecodeConfig, load_audio
@@ -121,8 +122,10 @@ _STATE: dict = {}
 
 
 def _init_worker(frontend: Frontend, decode_config: DecodeConfig, duration_tolerance: float | None) -> None:
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = "1"
+    # One BLAS/OpenMP thread per worker: the pool already uses every core. numpy is imported
+    # (fork-server preload), so environment variables would do nothing; threadpoolctl sets the
+    # loaded libraries themselves (numpy's and scipy's OpenBLAS alike).
+    threadpoolctl.threadpool_limits(limits=1)
     _STATE.update(frontend=frontend, decode=decode_config, duration_tolerance=duration_tolerance)
 
 

@@ -345,47 +345,92 @@ def frame_chunks(lengths: Sequence[int], chunk: int = CHUNK_FRAMES):
 
 
 class MelBands:
-    """A dense mel filterbank split into column groups over their non-zero bin ranges.
+    """A mel filterbank split into column groups over their non-zero bin ranges.
 
     Mel triangles are sparse (each FFT bin feeds at most two bands), so the mel projection is
     done as a few small GEMMs, one per group of adjacent bands restricted to the bins they
     touch: about a quarter of the dense FLOPs for 80 bands, with one BLAS call per group.
-    Rows are doubled (``repeat(fb, 2, axis=0)``) so the GEMMs read the squared float32 view of
-    a complex64 spectrum directly: ``|X|^2 @ fb == [re^2, im^2 interleaved] @ fb_doubled``.
+
+    **The result does not depend on the BLAS.** A GEMM's rounding depends on the kernel
+    (OpenBLAS Haswell/Zen vs SkylakeX vs SandyBridge), the thread count, the number of rows
+    and even a row's position in the block: on Haswell one frame differs by up to 5e-5
+    relative between two positions of a 256-row GEMM. :meth:`power_mel` therefore returns,
+    for every element, the float32 nearest to the *exact* sum ``sum_k p_k w_k`` of the float32
+    power spectrum ``p_k = re_k^2 + im_k^2`` (float32 arithmetic) and float32 weights, one
+    number whatever the BLAS does:
+
+    1. The GEMM runs in float64. A product of two float32 values is exact there and all terms
+       are non-negative, so any summation order and any FMA use stay within
+       ``g = (K + 4) 2^-52`` relative of the exact sum of K terms (Higham, *Accuracy and
+       Stability of Numerical Algorithms*, 2nd ed., section 3.1).
+    2. Where ``v (1 - g)`` and ``v (1 + g)`` round to the same float32, the exact sum, which
+       lies between them, rounds to it too (rounding is monotonic): that is ``float32(v)``.
+    3. The few others (about 2 in a million elements) are recomputed with :func:`math.fsum`,
+       which is correctly rounded and so independent of order as well.
+
+    So ``batch([a, b]) == [f(a), f(b)]`` bit for bit on every kernel and thread count
+    (``asr_assets_tests/test_frontends.py``), for the price of a float64 GEMM.
 
     Args:
-        fbank: ``float (num_bins, num_mels)`` non-negative filterbank weights.
+        fbank: ``float (num_bins, num_mels)`` non-negative filterbank weights (used as float32).
         group: bands per GEMM.
+
+    Raises:
+        ValueError: a negative weight (the error bound needs non-negative terms).
     """
 
     def __init__(self, fbank: np.ndarray, group: int = 16):
         fbank = np.asarray(fbank, dtype=np.float64)
+        if not np.all(fbank >= 0):
+            raise ValueError("mel filterbank weights must be non-negative")
         self.num_bins, self.num_mels = fbank.shape
-        nonzero = fbank > 0
+        weights32 = fbank.astype(np.float32).astype(np.float64)  # the frontend's float32 weights
+        nonzero = weights32 > 0
         lo = np.where(nonzero.any(0), nonzero.argmax(0), 0)
         hi = np.where(nonzero.any(0), self.num_bins - nonzero[::-1].argmax(0), 0)
         self.groups: list[tuple[int, int, int, int, np.ndarray]] = []
+        #: per band: ``(first bin, weights over the bins of its group)``, for the exact fallback
+        self._band_weights: list[tuple[int, np.ndarray]] = []
+        widest = 1
         for c0 in range(0, self.num_mels, group):
             c1 = min(self.num_mels, c0 + group)
             b0, b1 = int(lo[c0:c1].min()), int(hi[c0:c1].max())
             b1 = max(b1, b0 + 1)
-            weights = np.repeat(fbank[b0:b1, c0:c1], 2, axis=0).astype(np.float32)
-            self.groups.append((c0, c1, 2 * b0, 2 * b1, np.ascontiguousarray(weights)))
+            weights = np.ascontiguousarray(weights32[b0:b1, c0:c1])
+            self.groups.append((c0, c1, b0, b1, weights))
+            self._band_weights.extend((b0, weights[:, j].copy()) for j in range(c1 - c0))
+            widest = max(widest, b1 - b0)
+        self._rel_bound = (widest + 4) * 2.0**-52
 
     def power_mel(self, spec: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Mel energies ``|spec|^2 @ fbank``.
+        """Mel energies ``|spec|^2 @ fbank``, each the float32 nearest its exact value.
 
         Args:
             spec: ``complex64 (num_frames, num_bins)`` spectrum; overwritten (squared in place).
             out: ``float32 (num_frames, num_mels)`` destination.
 
         Returns:
-            ``out``: mel power (signal units squared).
+            ``out``: mel power (signal units squared). Non-finite input gives non-finite output.
         """
+        rows = spec.shape[0]
         sq = spec.view(np.float32)
         np.square(sq, out=sq)
+        power = scratch("melbands.power", (rows, self.num_bins), np.float64)
+        # float32 re^2 + im^2 (element-wise, so the same bits in any batch), held in float64
+        np.add(sq[:, 0::2], sq[:, 1::2], out=power, dtype=np.float32, casting="same_kind")
+        acc = scratch("melbands.acc", (rows, self.num_mels), np.float64)
         for c0, c1, b0, b1, weights in self.groups:
-            np.matmul(sq[:, b0:b1], weights, out=out[:, c0:c1])
+            np.matmul(power[:, b0:b1], weights, out=acc[:, c0:c1])
+        np.copyto(out, acc, casting="same_kind")
+        low = scratch("melbands.low", (rows, self.num_mels), np.float32)
+        high = scratch("melbands.high", (rows, self.num_mels), np.float32)
+        np.multiply(acc, 1.0 - self._rel_bound, out=low, casting="same_kind")
+        np.multiply(acc, 1.0 + self._rel_bound, out=high, casting="same_kind")
+        uncertain = np.not_equal(low, high)
+        if uncertain.any():
+            for i, m in zip(*np.nonzero(uncertain & np.isfinite(acc))):
+                b0, w = self._band_weights[m]
+                out[i, m] = np.float32(math.fsum(power[i, b0 : b0 + w.shape[0]] * w))
         return out
 
 

@@ -386,19 +386,17 @@ def _buffers(chunk: int, n_fft: int, hop: int, n_mels: int) -> tuple[np.ndarray,
     """Per-thread block buffers ``(samples, frames, spectrum, mel)`` for ``chunk`` frames.
 
     Looked up once per call (one dict access instead of four :func:`~.base.scratch` calls,
-    which matters for short utterances). Frames, spectrum and mel have at least 2 rows: a
-    1-row block is projected as two (see :func:`logmel_batch`). Uninitialized content.
+    which matters for short utterances). Uninitialized content.
     """
     key = (chunk, n_fft, hop, n_mels)
     cache = _LOCAL.__dict__.setdefault("buffers", {})
     bufs = cache.get(key)
     if bufs is None:
-        rows = max(chunk, 2)
         bufs = (
             scratch(f"logmel.samples{key}", ((chunk - 1) * hop + n_fft,), np.float32),
-            scratch(f"logmel.frames{key}", (rows, n_fft), np.float32),
-            scratch(f"logmel.spec{key}", (rows, n_fft // 2 + 1), np.complex64),
-            scratch(f"logmel.mel{key}", (rows, n_mels), np.float32),
+            scratch(f"logmel.frames{key}", (chunk, n_fft), np.float32),
+            scratch(f"logmel.spec{key}", (chunk, n_fft // 2 + 1), np.complex64),
+            scratch(f"logmel.mel{key}", (chunk, n_mels), np.float32),
         )
         cache[key] = bufs
     return bufs
@@ -413,8 +411,9 @@ def logmel_batch(signals: Sequence[np.ndarray], cfg: LogMelConfig) -> list[np.nd
     per-utterance copies).
 
     Output is deterministic per frame: batching, block boundaries and call grouping do not
-    change a single bit (element-wise signal and window arithmetic, row-independent FFT, and
-    one-row blocks are projected as two rows, see the block loop).
+    change a single bit, on any BLAS kernel and thread count (element-wise signal and window
+    arithmetic, row-independent FFT, and a mel projection rounded from its exact value, see
+    :class:`~.base.MelBands`).
 
     Args:
         signals: mono utterances, each ``float32 (num_samples,)`` in [-1, 1].
@@ -441,15 +440,7 @@ def logmel_batch(signals: Sequence[np.ndarray], cfg: LogMelConfig) -> list[np.nd
             # correctly rounded product per element either way).
             np.einsum("ij,j->ij", frames, window, out=buf[row : row + take])
         _rfft_rows(buf[:rows], spec[:rows])
-        # A block of one frame (total frames = 1 mod CHUNK_FRAMES, or a one-frame call) is
-        # projected as two rows with a zero second row: numpy's matmul with one row uses a
-        # matrix-vector product that rounds differently from the GEMM, so the same frame
-        # would get a different value alone than in a batch (the cache needs batch([a, b])
-        # == [f(a), f(b)] exactly).
-        mel_rows = max(rows, 2)
-        if rows == 1:
-            spec[1] = 0.0
-        bands.power_mel(spec[:mel_rows], mel[:mel_rows])
+        bands.power_mel(spec[:rows], mel[:rows])  # BLAS-independent: see MelBands
         for idx, start, take, row in block:
             sig, part, dst = sigs[idx], mel[row : row + take], outs[idx][start : start + take]
             np.maximum(part, sig.floor, out=part)

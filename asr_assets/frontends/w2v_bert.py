@@ -199,7 +199,8 @@ def fbank_batch(signals: Sequence[np.ndarray], num_mels: int = 80, sample_rate: 
 
     Output is deterministic per frame: batching, block boundaries and call grouping do not
     change a single bit (the int16 scaling is a power of two folded into the window, frame
-    means are fixed-order sums of 80-sample partial sums, one-row blocks are projected as two).
+    means are fixed-order sums of 80-sample partial sums, the mel projection is rounded from its
+    exact value, see :class:`~.base.MelBands`).
 
     Args:
         signals: ``float32 (num_samples,)`` mono utterances in [-1, 1].
@@ -225,10 +226,8 @@ def fbank_batch(signals: Sequence[np.ndarray], num_mels: int = 80, sample_rate: 
     buf[:, FRAME_LENGTH:] = 0.0  # zero padding to the FFT length
     offsets = scratch("w2v.offsets", (size,), np.float64)
     full = scratch("w2v.spec128", (size, FFT_LENGTH // 2 + 1), np.complex128)
-    # At least 2 rows: a 1-row mel projection goes through a matrix-vector product whose
-    # rounding differs from the GEMM used for more rows (see the block loop).
-    spec = scratch("w2v.spec", (max(size, 2), FFT_LENGTH // 2 + 1), np.complex64)
-    mel = scratch("w2v.mel", (max(size, 2), num_mels), np.float32)
+    spec = scratch("w2v.spec", (size, FFT_LENGTH // 2 + 1), np.complex64)
+    mel = scratch("w2v.mel", (size, num_mels), np.float32)
     dc_scale = (1.0 - PREEMPHASIS) * INT16_SCALE / FRAME_LENGTH
     for block in frame_chunks(counts, CHUNK_FRAMES):
         rows = block[-1][3] + block[-1][2]
@@ -264,15 +263,7 @@ def fbank_batch(signals: Sequence[np.ndarray], num_mels: int = 80, sample_rate: 
         # complex128 result per block) and transforms each row independently.
         np.fft.rfft(buf[:rows], axis=1, out=full[:rows])
         np.copyto(spec[:rows], full[:rows], casting="same_kind")
-        # A block of one frame (total frames = 1 mod CHUNK_FRAMES, or a one-frame call) is
-        # projected as two rows with a zero second row: numpy's matmul with one row uses a
-        # matrix-vector product that rounds differently from the GEMM, so the same frame
-        # would get a different value alone than in a batch (the cache needs batch([a, b])
-        # == [f(a), f(b)] exactly).
-        mel_rows = max(rows, 2)
-        if rows == 1:
-            spec[1] = 0.0
-        bands.power_mel(spec[:mel_rows], mel[:mel_rows])
+        bands.power_mel(spec[:rows], mel[:rows])  # BLAS-independent: see MelBands
         np.maximum(mel[:rows], np.float32(MEL_FLOOR), out=mel[:rows])
         for idx, start, take, row in block:
             np.log(mel[row : row + take], out=outs[idx][start : start + take])
