@@ -4,6 +4,7 @@ Settings are read from the environment (``ASR_ASSETS_*``, see :mod:`asr_assets.s
 Dagster loads the definitions, not at import time. One feature asset exists per enabled frontend.
 """
 
+import warnings
 from dataclasses import dataclass
 
 import dagster as dg
@@ -19,21 +20,31 @@ class Graph:
     record_cache: dg.AssetsDefinition
     feature_assets: tuple
     checks: tuple
+    jobs: tuple
     sensors: tuple
     resources: dict
 
 
 def build_graph(settings: Settings) -> Graph:
-    from asr_assets.defs.assets import build_feature_asset, manifests, record_cache
-    from asr_assets.defs.checks import build_feature_check, record_cache_consistent
-    from asr_assets.defs.resources import AsrAssetsConfig
-    from asr_assets.defs.sensors import build_automation_sensor, manifest_sensor
+    # The graph uses two Beta features on purpose (BackfillPolicy.multi_run, and the
+    # MultiToSingleDimensionPartitionMapping from a shard to its split); their warnings, once
+    # per definition load, flooded `dagster asset materialize` and `dagster dev` output.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=dg.BetaWarning)
+        warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+        from asr_assets.defs.assets import build_feature_asset, manifests, record_cache
+        from asr_assets.defs.checks import build_feature_check, record_cache_consistent
+        from asr_assets.defs.jobs import build_jobs
+        from asr_assets.defs.resources import AsrAssetsConfig
+        from asr_assets.defs.sensors import build_automation_sensor, manifest_sensor
 
-    frontends = [settings.frontend(name) for name in settings.frontends]
-    feature_assets = tuple(build_feature_asset(frontend) for frontend in frontends)
-    checks = (record_cache_consistent, *(build_feature_check(f, a) for f, a in zip(frontends, feature_assets)))
-    sensors = (manifest_sensor, build_automation_sensor(feature_assets))
-    return Graph(manifests, record_cache, feature_assets, checks, sensors, {"asr_config": AsrAssetsConfig.from_settings(settings)})
+        frontends = [settings.frontend(name) for name in settings.frontends]
+        feature_assets = tuple(build_feature_asset(frontend) for frontend in frontends)
+        checks = (record_cache_consistent, *(build_feature_check(f, a) for f, a in zip(frontends, feature_assets)))
+        sensors = (manifest_sensor, build_automation_sensor(feature_assets))
+        jobs = build_jobs(record_cache, feature_assets)
+    return Graph(manifests, record_cache, feature_assets, checks, jobs, sensors,
+                 {"asr_config": AsrAssetsConfig.from_settings(settings)})
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
@@ -42,6 +53,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=[graph.manifests, graph.record_cache, *graph.feature_assets],
         asset_checks=list(graph.checks),
+        jobs=list(graph.jobs),
         sensors=list(graph.sensors),
         resources=graph.resources,
     )

@@ -11,13 +11,14 @@ OpenBLAS kernels named in the README (run with this machine's ``OPENBLAS_CORETYP
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
 import threadpoolctl
 
 from asr_assets.frontends import get_frontend
-from asr_assets.frontends.base import MelBands
+from asr_assets.frontends.base import MelBands, exact_dot_f32
 from asr_assets.frontends.logmel import htk_mel_filterbank
 from asr_assets.frontends.w2v_bert import kaldi_mel_filterbank
 
@@ -74,11 +75,65 @@ def test_mel_projection_fallback_is_exact(monkeypatch):
     """With a huge error bound every element takes the fsum path: still the exact rounding."""
     fbank = htk_mel_filterbank(201, 80, 16000)
     bands = MelBands(fbank)
-    monkeypatch.setattr(bands, "_rel_bound", 1e-3)
+    monkeypatch.setattr(bands, "_ulps", 2**28)  # every element counts as near a rounding midpoint
     spec = _spectrum(np.random.default_rng(3), 12, 201)
     out = np.empty((12, 80), np.float32)
     bands.power_mel(spec.copy(), out)
     np.testing.assert_array_equal(out, _exact_mel(spec, fbank))
+
+
+def _round_f32(value: Fraction) -> np.float32:
+    """Correctly rounded (ties to even) float32 of an exact rational."""
+    guess = np.float32(float(value))
+    candidates = [np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf))]
+    return min(candidates, key=lambda c: (abs(Fraction(float(c)) - value), int(c.view(np.uint32)) & 1))
+
+
+def test_mel_projection_near_rounding_midpoints():
+    """Sums engineered to lie within ~1e-14 (relative) of a float32 midpoint, where the order
+    of a float64 GEMM could decide the rounding: still the correctly rounded exact sum."""
+    fbank = htk_mel_filterbank(201, 80, 16000)
+    w32 = fbank.astype(np.float32)
+    bands = MelBands(fbank)
+    rng = np.random.default_rng(11)
+    wide = [m for m in range(80) if np.count_nonzero(w32[:, m]) >= 2]
+    f = lambda x: Fraction(float(x))  # noqa: E731
+    spec = np.zeros((300, 201), np.complex64)
+    targets = []
+    for i in range(spec.shape[0]):
+        m = wide[i % len(wide)]
+        k1, k2 = np.nonzero(w32[:, m])[0][:2]
+        base = np.float32(rng.uniform(1.0, 2.0) * 10.0 ** rng.integers(-3, 4))
+        midpoint = f(base) + f(np.spacing(base)) / 2
+        re1 = np.float32(np.sqrt(float(midpoint / f(w32[k1, m])) * (1 - 1e-6)))  # a little short
+        rest = midpoint - f(np.square(re1)) * f(w32[k1, m])
+        re2 = np.float32(np.sqrt(float(rest / f(w32[k2, m]))))
+        # the float32 re2 (near that root) whose square brings the sum closest to the midpoint
+        steps, down, up = [re2], re2, re2
+        for _ in range(40):
+            down, up = np.nextafter(down, np.float32(0)), np.nextafter(up, np.float32(9))
+            steps += [down, up]
+        re2 = min(steps, key=lambda r: abs(f(np.square(re1)) * f(w32[k1, m]) + f(np.square(r)) * f(w32[k2, m]) - midpoint))
+        spec[i, k1], spec[i, k2] = re1, re2
+        targets.append((m, midpoint))
+    squared = np.square(spec.real)  # what the frontend squares in float32 (imaginary parts are 0)
+    out = np.empty((spec.shape[0], 80), np.float32)
+    bands.power_mel(spec, out)
+    near = 0
+    for i, (m, midpoint) in enumerate(targets):
+        exact = sum((f(squared[i, k]) * f(w32[k, m]) for k in np.nonzero(w32[:, m])[0]), Fraction(0))
+        assert out[i, m] == _round_f32(exact), (i, m)
+        near += abs(exact - midpoint) < midpoint * Fraction(1, 10**13)
+    assert near > 200  # most sums really sit next to a midpoint: the hard case is exercised
+
+
+def test_exact_dot_breaks_float64_ties_exactly():
+    """A sum whose float64 rounding lands exactly on a float32 midpoint: the exact sum decides."""
+    lo = np.float32(1.5)
+    mid = (float(lo) + float(np.nextafter(lo, np.float32(2)))) / 2
+    assert exact_dot_f32(np.array([mid, 2.0**-80]), np.ones(2)) == np.nextafter(lo, np.float32(2))
+    assert exact_dot_f32(np.array([mid, -(2.0**-80)]), np.ones(2)) == lo
+    assert exact_dot_f32(np.array([mid, 0.0]), np.ones(2)) == np.float32(mid)  # a true tie: to even
 
 
 def test_mel_projection_rejects_negative_weights():

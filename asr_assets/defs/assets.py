@@ -53,7 +53,10 @@ def _duration_histogram(durations: list[float]) -> str:
     group_name="record_cache",
     kinds={"python", "jsonl"},
     code_version=RECORD_CACHE_VERSION,
-    description="Per split: record_cache/<split>.jsonl + little-endian sidecars + audio blobs, from every manifest.",
+    description=(
+        "Per split: `record_cache/<split>.jsonl`, its little-endian sidecars "
+        "(`.offsets.u64`, `.estimated_frames.u32`, ...) and `<split>_audio_blobs/`, from every manifest."
+    ),
 )
 def record_cache(context: dg.AssetExecutionContext, asr_config: AsrAssetsConfig) -> dg.MaterializeResult:
     """One run per split (default backfill policy), so each split gets its own data version
@@ -100,8 +103,8 @@ def build_feature_asset(frontend: Frontend) -> dg.AssetsDefinition:
         pool="feature_extraction",
         automation_condition=dg.AutomationCondition.eager(),
         tags={"asr/frontend": frontend_name},
-        description=(f"{frontend_name} features ({frontend.feature_dim}-dim, hash {frontend.frontend_hash()}) in "
-                     "feature-cache/<split>/feature_shards/features_NN/part_*.parquet."),
+        description=(f"`{frontend_name}` features (float32 `[frames, {frontend.feature_dim}]`, cache hash "
+                     f"`{frontend.frontend_hash()}`) in `feature-cache/<split>/feature_shards/features_NN/part_*.parquet`."),
     )
     def _features(context: dg.AssetExecutionContext, asr_config: AsrAssetsConfig) -> None:
         settings = asr_config.settings(frontends=(frontend_name,))

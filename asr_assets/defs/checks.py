@@ -3,6 +3,12 @@ the frontend's width or a reported failure.
 
 Blocking: a failed check stops downstream steps of the same run, so a broken record cache is
 never featurized and a broken shard is never handed on.
+
+The checks are not partitioned: each evaluates the partitions of the run it is part of
+(``context.partition_keys``) and names them in its metadata. A partitioned check (Preview in
+Dagster 1.13) records a multi-partition run's evaluation under no partition, so the UI showed
+"Skipped" and "0/1 passed" beside a passed execution; an unpartitioned check's status is its
+latest evaluation.
 """
 
 
@@ -19,18 +25,20 @@ from asr_assets.frontends import Frontend
 from asr_assets.record_cache import RecordStore, record_store_is_valid
 
 from .assets import record_cache
-from .partitions import feature_partitions, parse_feature_partition_key, split_partitions
+from .partitions import parse_feature_partition_key
 from .resources import AsrAssetsConfig
 
 RECORD_CACHE_CONSISTENT = "sidecars_match_jsonl"
 FEATURES_COMPLETE = "features_complete_and_finite"
 
 
-def _partition_keys(context) -> list[str]:
-    return list(context.partition_keys) if context.has_partition_key or context.has_partition_key_range else []
+def _partition_keys(context: dg.AssetCheckExecutionContext) -> list[str]:
+    """The partitions of the run this check evaluates (empty outside a partitioned run)."""
+    op = context.op_execution_context
+    return list(op.partition_keys) if op.has_partition_key or op.has_partition_key_range else []
 
 
-@dg.asset_check(asset=record_cache, name=RECORD_CACHE_CONSISTENT, partitions_def=split_partitions, blocking=True,
+@dg.asset_check(asset=record_cache, name=RECORD_CACHE_CONSISTENT, blocking=True,
                 description="Every sidecar has one entry per JSONL line; offsets point at line starts; blobs exist.")
 def record_cache_consistent(context: dg.AssetCheckExecutionContext, asr_config: AsrAssetsConfig) -> dg.AssetCheckResult:
     settings = asr_config.settings()
@@ -57,7 +65,8 @@ def record_cache_consistent(context: dg.AssetCheckExecutionContext, asr_config: 
             problems.append(f"{split}: {len(missing)} audio blobs missing, e.g. {missing[0]!r}")
         counts[split] = len(store)
     return dg.AssetCheckResult(passed=not problems, severity=dg.AssetCheckSeverity.ERROR,
-                               metadata={"records": dg.MetadataValue.json(counts), "problems": dg.MetadataValue.json(problems[:20])})
+                               metadata={"splits": dg.MetadataValue.json(_partition_keys(context)),
+                                         "records": dg.MetadataValue.json(counts), "problems": dg.MetadataValue.json(problems[:20])})
 
 
 def build_feature_check(frontend: Frontend, asset: dg.AssetsDefinition) -> dg.AssetChecksDefinition:
@@ -65,7 +74,7 @@ def build_feature_check(frontend: Frontend, asset: dg.AssetsDefinition) -> dg.As
     ``[frames>0, feature_dim]``) or a line in the shard's failure report."""
     frontend_name = frontend.name
 
-    @dg.asset_check(asset=asset, name=FEATURES_COMPLETE, partitions_def=feature_partitions, blocking=True,
+    @dg.asset_check(asset=asset, name=FEATURES_COMPLETE, blocking=True,
                     description=f"Every record of the shard has finite {frontend_name} features of the right width, or a reported failure.")
     def _check(context: dg.AssetCheckExecutionContext, asr_config: AsrAssetsConfig) -> dg.AssetCheckResult:
         settings = asr_config.settings(frontends=(frontend_name,))
@@ -97,7 +106,8 @@ def build_feature_check(frontend: Frontend, asset: dg.AssetsDefinition) -> dg.As
                         bad.append(f"{task.utterance_id}: shape {feats.shape}, finite={bool(np.isfinite(feats).all())}")
         return dg.AssetCheckResult(
             passed=not unaccounted and not bad, severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"records_checked": checked, "missing_without_report": dg.MetadataValue.json(unaccounted[:20]),
+            metadata={"partitions": dg.MetadataValue.json(_partition_keys(context)), "records_checked": checked,
+                      "missing_without_report": dg.MetadataValue.json(unaccounted[:20]),
                       "invalid_features": dg.MetadataValue.json(bad[:20])},
         )
 

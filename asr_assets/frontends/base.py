@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+from fractions import Fraction
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -26,6 +27,8 @@ from asr_assets.errors import FeatureConfigError
 #: notes); 256 measured best or tied among 128-2,048 on this machine.
 CHUNK_FRAMES = 256
 
+#: Smallest normal float32; below it the float32 grid is absolute (subnormals).
+_F32_MIN_NORMAL = float(np.finfo(np.float32).tiny)
 #: float32 machine epsilon, used by the constant-column rule (see :func:`normalize_columns`).
 _EPS32 = float(np.finfo(np.float32).eps)
 
@@ -344,6 +347,37 @@ def frame_chunks(lengths: Sequence[int], chunk: int = CHUNK_FRAMES):
         yield block
 
 
+def exact_dot_f32(a: np.ndarray, b: np.ndarray) -> np.float32:
+    """The float32 nearest (ties to even) to the exact ``sum(a * b)`` of float64 vectors.
+
+    :func:`math.fsum` gives the float64 nearest the exact sum of the (float64-rounded)
+    products; rounding that to float32 is exact unless it sits on a float32 midpoint, where
+    the exact sum decides (:class:`fractions.Fraction`). For float32-valued inputs every product
+    is exact in float64, so the result is the correctly rounded dot product.
+
+    Args:
+        a: ``float64 (n,)``.
+        b: ``float64 (n,)``.
+
+    Returns:
+        ``float32`` scalar; non-finite input gives a non-finite result.
+    """
+    products = a * b
+    total = math.fsum(products)
+    rounded = np.float32(total)
+    if not math.isfinite(total) or float(rounded) == total:
+        return rounded
+    below = rounded if float(rounded) < total else np.nextafter(rounded, np.float32(-np.inf))
+    above = np.nextafter(below, np.float32(np.inf))
+    midpoint = (float(below) + float(above)) / 2  # exact: 25 significant bits
+    if total != midpoint:
+        return rounded
+    exact = sum((Fraction(float(x)) for x in products), Fraction(0))
+    if exact == Fraction(midpoint):
+        return rounded  # a true tie: ties to even, as the float32 cast did
+    return above if exact > Fraction(midpoint) else below
+
+
 class MelBands:
     """A mel filterbank split into column groups over their non-zero bin ranges.
 
@@ -365,8 +399,10 @@ class MelBands:
        Stability of Numerical Algorithms*, 2nd ed., section 3.1).
     2. Where ``v (1 - g)`` and ``v (1 + g)`` round to the same float32, the exact sum, which
        lies between them, rounds to it too (rounding is monotonic): that is ``float32(v)``.
-    3. The few others (about 2 in a million elements) are recomputed with :func:`math.fsum`,
-       which is correctly rounded and so independent of order as well.
+       This is tested on the bits of ``v``: the 29 significand bits that float32 drops must
+       not lie within ``g 2^53 + 1`` float64 ulps of their midpoint.
+    3. The few others (about 2 in a million elements) are recomputed exactly
+       (:func:`exact_dot_f32`), which is independent of order as well.
 
     So ``batch([a, b]) == [f(a), f(b)]`` bit for bit on every kernel and thread count
     (``asr_assets_tests/test_frontends.py``), for the price of a float64 GEMM.
@@ -400,7 +436,10 @@ class MelBands:
             self.groups.append((c0, c1, b0, b1, weights))
             self._band_weights.extend((b0, weights[:, j].copy()) for j in range(c1 - c0))
             widest = max(widest, b1 - b0)
+        #: relative error bound g of any float64 summation order of `widest` terms, and the
+        #: same in float64 ulps of the result's binade (rounded up, +1)
         self._rel_bound = (widest + 4) * 2.0**-52
+        self._ulps = int(math.ceil(self._rel_bound * 2.0**53)) + 1
 
     def power_mel(self, spec: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Mel energies ``|spec|^2 @ fbank``, each the float32 nearest its exact value.
@@ -417,20 +456,28 @@ class MelBands:
         np.square(sq, out=sq)
         power = scratch("melbands.power", (rows, self.num_bins), np.float64)
         # float32 re^2 + im^2 (element-wise, so the same bits in any batch), held in float64
-        np.add(sq[:, 0::2], sq[:, 1::2], out=power, dtype=np.float32, casting="same_kind")
+        np.add(spec.real, spec.imag, out=power, dtype=np.float32, casting="same_kind")
         acc = scratch("melbands.acc", (rows, self.num_mels), np.float64)
         for c0, c1, b0, b1, weights in self.groups:
             np.matmul(power[:, b0:b1], weights, out=acc[:, c0:c1])
         np.copyto(out, acc, casting="same_kind")
-        low = scratch("melbands.low", (rows, self.num_mels), np.float32)
-        high = scratch("melbands.high", (rows, self.num_mels), np.float32)
-        np.multiply(acc, 1.0 - self._rel_bound, out=low, casting="same_kind")
-        np.multiply(acc, 1.0 + self._rel_bound, out=high, casting="same_kind")
-        uncertain = np.not_equal(low, high)
+        # Certify the rounding on the bits of each float64 result v: rounding to float32 keeps
+        # 24 of 53 significand bits, so it is decided by the low 29 bits, midpoint 2^28. With
+        # |v - exact| <= g v < g 2^53 float64 ulps, the exact sum rounds like v unless those
+        # bits are within D = g 2^53 + 1 of the midpoint: (low29 - (2^28 - D)) mod 2^29 <= 2D.
+        bits = acc.view(np.uint64)
+        dist = scratch("melbands.dist", (rows, self.num_mels), np.uint64)
+        np.subtract(bits, np.uint64(2**28 - self._ulps), out=dist)
+        np.bitwise_and(dist, np.uint64(2**29 - 1), out=dist)
+        uncertain = np.less_equal(dist, np.uint64(2 * self._ulps))
+        if rows and acc.min() < _F32_MIN_NORMAL:  # float32 subnormals have a coarser grid
+            uncertain |= (acc > 0) & (acc < _F32_MIN_NORMAL)
         if uncertain.any():
-            for i, m in zip(*np.nonzero(uncertain & np.isfinite(acc))):
+            for i, m in zip(*np.nonzero(uncertain)):
+                if not math.isfinite(acc[i, m]):
+                    continue
                 b0, w = self._band_weights[m]
-                out[i, m] = np.float32(math.fsum(power[i, b0 : b0 + w.shape[0]] * w))
+                out[i, m] = exact_dot_f32(power[i, b0 : b0 + w.shape[0]], w)
         return out
 
 
