@@ -1,7 +1,8 @@
 """Shared fixtures: where the real-speech test data lives, the bundled sample, small corpora.
 
-Real speech comes from the project's shared data folder (``../shared/data`` beside the repo, or
-``$ASR_ASSETS_TEST_DATA``); tests that need it are skipped with a reason when it is absent.
+Real speech comes from ``asr_assets_tests/data`` in the repo (a subset of the project's full data
+set, made by ``scripts/make_test_data.py``; see its README), or from ``$ASR_ASSETS_TEST_DATA`` when
+set (e.g. the full set, same layout). Missing data is an error, never a skip.
 """
 
 from __future__ import annotations
@@ -12,16 +13,25 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("ASR_ASSETS_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
-needs_shared_data = pytest.mark.skipif(not (SHARED_DATA / "formats").is_dir(),
-                                       reason=f"shared test data not found at {SHARED_DATA}")
+IN_REPO_DATA = REPO / "asr_assets_tests" / "data"
+TEST_DATA = Path(os.environ.get("ASR_ASSETS_TEST_DATA") or IN_REPO_DATA).resolve()
+_CORPORA = ("formats/manifest.tsv", "formats/audio", "broken/manifest.tsv", "broken/audio",
+            "en_hf/data", "nl_cv/validated.tsv", "nl_cv/clips")
 
 
-@pytest.fixture
-def shared_data() -> Path:
-    if not (SHARED_DATA / "formats").is_dir():
-        pytest.skip(f"shared test data not found at {SHARED_DATA}")
-    return SHARED_DATA
+def require_test_data() -> Path:
+    """``TEST_DATA``, after checking that every corpus the tests read is there (FileNotFoundError if not)."""
+    missing = [c for c in _CORPORA if not (TEST_DATA / c).exists()]
+    if missing:
+        where = "$ASR_ASSETS_TEST_DATA" if os.environ.get("ASR_ASSETS_TEST_DATA") else "the in-repo test data"
+        raise FileNotFoundError(f"{where} at {TEST_DATA} lacks {', '.join(missing)} "
+                                "(see asr_assets_tests/data/README.md)")
+    return TEST_DATA
+
+
+@pytest.fixture(scope="session")
+def test_data() -> Path:
+    return require_test_data()
 
 
 @pytest.fixture(autouse=True)

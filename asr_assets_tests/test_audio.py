@@ -1,11 +1,13 @@
 """Tests of ``asr_assets.audio`` (decoding, resampling, duration probing) and the Ogg/Opus repair.
 
-Scope: every file of ``../shared/data/formats/audio`` (the JFK clip in ~90 containers/codecs and
-a LibriVox line) decodes with the right rate and duration and matches the 16 kHz FLAC reference;
-every file of ``../shared/data/broken/audio`` has a pinned outcome; ``resample`` keeps exact
-lengths and a sine's frequency and amplitude; ``max_duration_s`` stops early with small peak
-memory; ``ffmpeg_fallback`` switches the PyAV backend; ``probe_duration`` reads headers. No test
-spawns an ffmpeg executable (an autouse fixture makes ``subprocess`` spawning fail).
+Scope: every file of the test data's ``formats/audio`` (the JFK clip in many containers/codecs
+and a LibriVox line: 35 files in the in-repo subset, 93 in the full set) decodes with the right
+rate and duration and matches the 16 kHz FLAC reference; every file of ``broken/audio`` has a
+pinned outcome; ``resample`` keeps exact lengths and a sine's frequency and amplitude;
+``max_duration_s`` stops early with small peak memory; ``ffmpeg_fallback`` switches the PyAV
+backend; ``probe_duration`` reads headers. No test spawns an ffmpeg executable (an autouse fixture
+makes ``subprocess`` spawning fail). The test data is ``asr_assets_tests/data`` or
+``$ASR_ASSETS_TEST_DATA`` (see ``conftest.py``).
 
 The numbers pinned here were measured with soundfile 0.14 / libsndfile 1.2.2 and PyAV 18 /
 FFmpeg 8, and are asserted with margin.
@@ -37,23 +39,22 @@ from asr_assets.audio import (
 )
 from asr_assets.errors import AudioDecodeError
 
-from asr_assets_tests.conftest import SHARED_DATA as DATA
+from asr_assets_tests.conftest import require_test_data
+
+DATA = require_test_data()  # in-repo subset or $ASR_ASSETS_TEST_DATA; missing is a collection error
 FORMATS = DATA / "formats"
 BROKEN = DATA / "broken"
 REF_NAME = "jfk__flac_16000_mono.flac"
 
-pytestmark = pytest.mark.skipif(not FORMATS.is_dir(), reason="shared test data not available")
-
 
 def _manifest(root: Path) -> dict[str, float]:
-    if not (root / "manifest.tsv").is_file():
-        return {}
     with open(root / "manifest.tsv", newline="") as fh:
         return {Path(r["path"]).name: float(r["duration"]) for r in csv.DictReader(fh, delimiter="\t")}
 
 
 FORMAT_DURATIONS = _manifest(FORMATS)
-FORMAT_FILES = sorted(p.name for p in (FORMATS / "audio").glob("*")) if FORMATS.is_dir() else []
+FORMAT_FILES = sorted(p.name for p in (FORMATS / "audio").glob("*"))
+assert sorted(FORMAT_DURATIONS) == FORMAT_FILES, "formats/manifest.tsv and formats/audio/ differ"
 
 
 @pytest.fixture(autouse=True)
@@ -152,10 +153,11 @@ def test_every_format_decodes(name, reference):
 
 def test_lossless_resampled_and_stereo_close_to_reference(reference):
     # Same signal at another rate: after soxr to 16 kHz within 2e-3 (measured 1.66e-3 max).
-    y = load_audio(FORMATS / "audio" / "jfk__wav_s16_48000_mono.wav")
+    # (The FLAC files decode to the same samples as the s16 WAVs of the full set.)
+    y = load_audio(FORMATS / "audio" / "jfk__flac_48000_mono.flac")
     assert len(y) == len(reference) and np.max(np.abs(y - reference)) < 5e-3
     # Stereo averages to mono: identical length, correlation ~1.
-    s = load_audio(FORMATS / "audio" / "jfk__wav_s16_16000_stereo.wav")
+    s = load_audio(FORMATS / "audio" / "jfk__flac_16000_stereo.flac")
     assert len(s) == 176000 and np.corrcoef(s, reference)[0, 1] > 0.999
 
 
@@ -431,8 +433,7 @@ def test_probe_duration_formats(name):
 
 def test_probe_duration_nl_cv_clips():
     clips = sorted((DATA / "nl_cv" / "clips").glob("*.ogg"))[:20]
-    if not clips:
-        pytest.skip("nl_cv clips not available")
+    assert len(clips) == 20
     for clip in clips:
         d = probe_duration(clip)
         assert 0.1 < d < 60.0, (clip, d)

@@ -1,6 +1,6 @@
 """The Dagster graph end to end: definitions load; record_cache and squeezeformer_features materialize
 in-process on real speech; the result is checked with an independent reader that knows only spec §3;
-re-running computes nothing; the CLI covers the shared corpora (every usable row cached, every broken
+re-running computes nothing; the CLI covers the test corpora (every usable row cached, every broken
 row reported) and the documented ``dagster asset materialize`` form."""
 
 from __future__ import annotations
@@ -115,11 +115,20 @@ def _report_ids(reports: Path) -> set[str]:
     return ids
 
 
-def test_cli_on_shared_corpora_caches_every_usable_row(shared_data, tmp_path):
+def _manifest_rows(root: Path) -> int:
+    """Data rows of a corpus, counted without the library: TSV lines after the header, Parquet rows."""
+    tsv = sum(len(p.read_text(encoding="utf-8").splitlines()) - 1 for p in root.rglob("*.tsv"))
+    return tsv + sum(pq.ParquetFile(p).metadata.num_rows for p in root.rglob("*.parquet"))
+
+
+def test_cli_on_test_corpora_caches_every_usable_row(test_data, tmp_path):
     out = tmp_path / "x"
     args = ["materialize", "--output", str(out)]
+    rows = {}
     for name in ("en_hf", "nl_cv", "formats"):
-        args += ["--manifests", str(shared_data / name)]
+        args += ["--manifests", str(test_data / name)]
+        rows[name] = _manifest_rows(test_data / name)
+    assert all(n >= 10 for n in rows.values()), rows  # full set: 44, 400, 93
     assert cli_main(args) == 0
     total = 0
     for split in SPLITS:
@@ -128,17 +137,17 @@ def test_cli_on_shared_corpora_caches_every_usable_row(shared_data, tmp_path):
             feats = independent_features(out / "feature-cache" / split, record["utterance_id"])
             assert feats is not None and feats.shape[1] == 80, record["utterance_id"]
         total += len(store)
-    assert total == 44 + 400 + 93  # every row of the three corpora is usable
+    assert total == sum(rows.values())  # every row of the three corpora is usable
     assert _report_ids(out / "reports") == set()
 
 
-def test_cli_on_broken_files_reports_every_broken_row(shared_data, tmp_path):
+def test_cli_on_broken_files_reports_every_broken_row(test_data, tmp_path):
     out = tmp_path / "b"
-    assert cli_main(["materialize", "--manifests", str(shared_data / "broken"), "--output", str(out), "--workers", "2"]) == 0
+    assert cli_main(["materialize", "--manifests", str(test_data / "broken"), "--output", str(out), "--workers", "2"]) == 0
     reported = _report_ids(out / "reports")
     cached = {r["utterance_id"] for s in SPLITS for r in RecordStore(out / "record_cache" / f"{s}.jsonl")
               if independent_features(out / "feature-cache" / s, r["utterance_id"]) is not None}
-    manifest_ids = {line.split("\t")[0] for line in (shared_data / "broken" / "manifest.tsv").read_text().splitlines()[1:]}
+    manifest_ids = {line.split("\t")[0] for line in (test_data / "broken" / "manifest.tsv").read_text().splitlines()[1:]}
     assert reported | cached == manifest_ids and not reported & cached
     assert {"bad_empty_flac", "bad_empty_wav", "bad_random_bytes_wav", "bad_wav_zero_channels_wav",
             "bad_float32_nan_inf_1pct_wav", "bad_ps_evil_wav", "bad_tiny_1_sample_wav",

@@ -141,7 +141,7 @@ def test_config_validation():
         RecordConfig(min_transcript_chars=0)
 
 
-def test_probed_durations_are_remembered_across_builds(shared_data, tmp_path, monkeypatch):
+def test_probed_durations_are_remembered_across_builds(test_data, tmp_path, monkeypatch):
     import asr_assets.pipeline as pipeline
     from asr_assets.pipeline import build_record_cache
     from asr_assets.record_cache import RecordStore
@@ -149,10 +149,10 @@ def test_probed_durations_are_remembered_across_builds(shared_data, tmp_path, mo
 
     root = tmp_path / "cv"
     (root / "clips").mkdir(parents=True)
-    lines = (shared_data / "nl_cv" / "validated.tsv").read_text(encoding="utf-8").splitlines()[:6]
+    lines = (test_data / "nl_cv" / "validated.tsv").read_text(encoding="utf-8").splitlines()[:6]
     for line in lines[1:]:
         name = line.split("\t")[1]
-        (root / name).write_bytes((shared_data / "nl_cv" / name).read_bytes())
+        (root / name).write_bytes((test_data / "nl_cv" / name).read_bytes())
     (root / "validated.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     settings = Settings(manifests=(str(root),), output=str(tmp_path / "out"), validation_manifests=())
     calls = []

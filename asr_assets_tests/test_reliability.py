@@ -75,11 +75,11 @@ def test_sigkill_at_random_moments_then_rerun_matches_uninterrupted(tmp_path):
         assert record_store_is_valid(out / "record_cache" / f"{split}.jsonl")
 
 
-def test_fail_fast_stops_on_first_bad_utterance(shared_data, tmp_path):
+def test_fail_fast_stops_on_first_bad_utterance(test_data, tmp_path):
     out = tmp_path / "ff"
-    assert cli_main(["materialize", "--manifests", str(shared_data / "broken"), "--output", str(out),
+    assert cli_main(["materialize", "--manifests", str(test_data / "broken"), "--output", str(out),
                      "--workers", "1", "--fail-fast"]) == 1
-    assert cli_main(["materialize", "--manifests", str(shared_data / "broken"), "--output", str(out), "--workers", "1"]) == 0
+    assert cli_main(["materialize", "--manifests", str(test_data / "broken"), "--output", str(out), "--workers", "1"]) == 0
 
 
 def _corpus(tmp_path: Path, rows: list[tuple[str, str, str, str]]) -> Path:
