@@ -7,11 +7,41 @@ without Dagster. Public entry points:
     - :class:`ShardedParquetFeatureCache` — read cached features by utterance id.
     - :class:`RecordStore` — read a record cache split (``len``, indexing).
     - :mod:`asr_assets.pipeline` — build the caches from Python.
+
+The names above are loaded on first access, so ``import asr_assets.cli`` (and ``asr-assets
+--help``) does not pay for numpy, pyarrow or scipy.
 """
 
-from .feature_cache import ShardedParquetFeatureCache
-from .frontends import available_frontends, compute_features, get_frontend
-from .record_cache import RecordStore
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .feature_cache import ShardedParquetFeatureCache
+    from .frontends import available_frontends, compute_features, get_frontend
+    from .record_cache import RecordStore
 
 __all__ = ["compute_features", "ShardedParquetFeatureCache", "RecordStore", "get_frontend", "available_frontends"]
 __version__ = "0.1.0"
+
+#: public name -> submodule that defines it (imported on first access)
+_LAZY = {
+    "compute_features": "frontends",
+    "get_frontend": "frontends",
+    "available_frontends": "frontends",
+    "ShardedParquetFeatureCache": "feature_cache",
+    "RecordStore": "record_cache",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -19,6 +19,26 @@ class ManifestError(AsrAssetsError):
     """A manifest file cannot be found, read or understood."""
 
 
+class ManifestColumnsError(ManifestError):
+    """A manifest file lacks the columns a record needs (a transcript and an audio column), so
+    none of its rows can be used.
+
+    Attributes:
+        path: the manifest file.
+        found: its column names, in file order.
+        missing: what it lacks, e.g. ``("transcript", "audio")``.
+    """
+
+    def __init__(self, message: str, path: str = "", found: tuple[str, ...] = (), missing: tuple[str, ...] = ()):
+        self.path = path
+        self.found = tuple(found)
+        self.missing = tuple(missing)
+        super().__init__(message)
+
+    def __reduce__(self):  # picklable with its attributes
+        return type(self), (str(self), self.path, self.found, self.missing)
+
+
 class AudioDecodeError(AsrAssetsError):
     """Audio could not be decoded or resampled.
 

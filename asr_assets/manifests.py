@@ -12,7 +12,10 @@ contributed them (a folder itself, or a file's parent folder) unless ``source_ba
 Columns (first present wins): transcript ``sentence|transcript|transcription|text|normalized_text``;
 duration (s) ``duration|duration_seconds|audio_duration``; speaker ``client_id|speaker_id|speaker``;
 id ``id|utterance_id``; audio ``path`` (string) or ``audio`` (Hugging Face ``{bytes, path}``
-struct, or plain binary). Nothing here decodes audio.
+struct, or plain binary). A file without a transcript column or without an audio column cannot
+give a single record: it is a file-level problem (:class:`~asr_assets.errors.ManifestColumnsError`
+naming the columns found and expected), reported like an unreadable file. Nothing here decodes
+audio.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .errors import ManifestError
+from .errors import ManifestColumnsError, ManifestError
 
 TRANSCRIPT_COLUMNS = ("sentence", "transcript", "transcription", "text", "normalized_text")
 DURATION_COLUMNS = ("duration", "duration_seconds", "audio_duration")
 SPEAKER_COLUMNS = ("client_id", "speaker_id", "speaker")
 ID_COLUMNS = ("id", "utterance_id")
+AUDIO_COLUMNS = ("path", "audio")
 MANIFEST_SUFFIXES = (".tsv", ".parquet")
 _BATCH_ROWS = 1024
 
@@ -102,6 +106,35 @@ def _first_column(names: Sequence[str], candidates: Sequence[str]) -> str | None
     return next((c for c in candidates if c in names), None)
 
 
+def check_columns(path: str | os.PathLike, names: Sequence[str]) -> None:
+    """Raise :class:`ManifestColumnsError` when a manifest with columns ``names`` can give no record.
+
+    A record needs a transcript column and an audio column (``path`` or ``audio``); the id column
+    is optional (the audio path stands in). The message names the file, the columns found and
+    every accepted alias.
+    """
+    missing = tuple(what for what, candidates in (("transcript", TRANSCRIPT_COLUMNS), ("audio", AUDIO_COLUMNS))
+                    if _first_column(names, candidates) is None)
+    if not missing:
+        return
+    found = tuple(str(n) for n in names if str(n).strip())
+    shown = ", ".join(repr(n if len(n) <= 60 else n[:57] + "...") for n in found[:20])
+    shown += f", ... ({len(found)} in all)" if len(found) > 20 else ""
+    known = (*TRANSCRIPT_COLUMNS, *AUDIO_COLUMNS)
+    hint = ""
+    if len(found) == 1 and ("," in found[0] or ";" in found[0]):
+        hint = " (one column holding separators: is the file comma- or semicolon-separated? TSV needs tabs)"
+    elif any(n not in known and n.strip().lower() in known for n in found):
+        hint = " (column names are case-sensitive)"
+    raise ManifestColumnsError(
+        f"manifest {str(path)!r} has no usable columns ({', '.join(f'no {m} column' for m in missing)}): "
+        f"found [{shown or 'none'}]{hint}; "
+        f"expected transcript ({'|'.join(TRANSCRIPT_COLUMNS)}), audio ({'|'.join(AUDIO_COLUMNS)}), "
+        f"optional id ({'|'.join(ID_COLUMNS)})",
+        str(path), found, missing,
+    )
+
+
 def _clean_str(value) -> str | None:
     if value is None:
         return None
@@ -159,9 +192,12 @@ def _read_batches(path: Path, invalid_rows: list | None = None) -> Iterator[pa.R
                     strings_can_be_null=True, null_values=[""],
                 ),
             )
+            check_columns(path, reader.schema.names)
             yield from reader
         else:
-            yield from pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS)
+            parquet = pq.ParquetFile(path)
+            check_columns(path, parquet.schema_arrow.names)
+            yield from parquet.iter_batches(batch_size=_BATCH_ROWS)
     except (pa.ArrowException, OSError) as exc:
         raise ManifestError(f"cannot read manifest {str(path)!r}: {exc}") from exc
 
@@ -196,15 +232,18 @@ def iter_manifest_rows(
         sources: manifest files or folders.
         source_base: if set, the base of every relative audio path instead of each root.
         on_error: called as ``on_error(manifest_path, rows_read, error)`` when one manifest file
-            cannot be parsed (reading goes on with the next file) or one TSV line has the wrong
-            number of cells (that line is skipped). Without it the error is raised.
+            cannot be parsed or lacks the columns a record needs (a
+            :class:`~asr_assets.errors.ManifestColumnsError`; reading goes on with the next file),
+            or one TSV line has the wrong number of cells (that line is skipped). Without it the
+            error is raised.
 
     Yields:
         :class:`ManifestRow` per row. Audio resolution (spec §2.3): a non-empty ``path`` wins and
         carries no bytes; otherwise the ``audio`` struct's path (resolved) and bytes.
 
     Raises:
-        ManifestError: a source is missing or a file cannot be parsed at all.
+        ManifestError: a source is missing or (without ``on_error``) a file cannot be parsed or
+            has no usable columns.
     """
     seen: set[str] = set()
     for source in sources:
@@ -228,6 +267,10 @@ def iter_manifest_rows(
                         counter += 1
                         read += 1
                         yield _make_row(cells, str(root), str(manifest), counter, base)
+            except ManifestColumnsError as exc:  # checked before the first row: nothing was read
+                if on_error is None:
+                    raise
+                on_error(str(manifest), read, exc)
             except ManifestError as exc:
                 if on_error is None:
                     raise

@@ -115,7 +115,9 @@ def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], N
 
     Every manifest row of this split that is not cached (filtered, missing audio, unreadable
     header, duplicate id) is written to ``<output>/reports/records-<split>.jsonl`` with its
-    manifest, row number, audio source and reason.
+    manifest, row number, audio source and reason. So is every manifest file that cannot be read
+    or has no usable columns, and every skipped TSV line (``utterance_id`` null, stage
+    ``manifest``); the other manifests are read as usual.
 
     Raises:
         ManifestError: a manifest source is missing or unreadable.
@@ -148,8 +150,10 @@ def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], N
     report = settings.records_report_path(split)
     write_jsonl_report(report, (r.to_report() for r in rejections))
     if log:
+        file_level = sum(1 for r in rejections if r.utterance_id is None)
+        problems = f", {file_level} manifest file/line problems" if file_level else ""
         log(f"record_cache[{split}]: {summary.utterances} utterances, {summary.audio_seconds / 3600:.3f} h, "
-            f"{len(rejections)} rows not cached (see {report})")
+            f"{len(rejections) - file_level} rows not cached{problems} (see {report})")
     return RecordCacheResult(split, summary, rejections, str(report), time.perf_counter() - start)
 
 

@@ -13,12 +13,18 @@ Built-in frontends:
     * ``ludwig-fbank``, ``ludwig-stft``, ``ludwig-stft_phase``, ``ludwig-group_delay``,
       ``ludwig-raw`` - Ludwig audio feature types (:mod:`.ludwig`).
 
-This package imports only numpy and scipy (soxr lazily, through ``asr_assets.audio``).
+Importing this package loads only numpy and :mod:`.base` / :mod:`.custom`: the built-in
+frontends are registered by name, and a frontend's module (scipy, soxr lazily through
+``asr_assets.audio``) is imported the first time :func:`get_frontend` builds it, so
+``available_frontends()`` and CLI start-up stay cheap. ``LogMelFrontend``, ``LudwigFrontend`` and
+``W2VBertFrontend`` are importable from here too (loaded on first access).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import difflib
+import importlib
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -26,10 +32,11 @@ from asr_assets.errors import FeatureConfigError, UnknownFrontendError
 
 from .base import Frontend, py_float, render_config_repr
 from .custom import CustomFrontend
-from .logmel import SQUEEZEFORMER_CONFIG, ZIPFORMER_CONFIG, LogMelFrontend, make_logmel_config
-from .ludwig import FACTORIES as LUDWIG_FACTORIES
-from .ludwig import LudwigFrontend
-from .w2v_bert import W2VBertFrontend, make_w2v_bert
+
+if TYPE_CHECKING:  # loaded lazily at run time, see __getattr__
+    from .logmel import LogMelFrontend
+    from .ludwig import LudwigFrontend
+    from .w2v_bert import W2VBertFrontend
 
 __all__ = [
     "Frontend",
@@ -44,6 +51,21 @@ __all__ = [
     "register_frontend",
     "render_config_repr",
 ]
+
+#: Public classes whose modules are imported on first access: name -> submodule.
+_LAZY_CLASSES = {"LogMelFrontend": "logmel", "LudwigFrontend": "ludwig", "W2VBertFrontend": "w2v_bert"}
+#: Ludwig feature types registered as ``ludwig-<type>`` (:data:`.ludwig.FEATURE_TYPES`; kept here
+#: so registering them does not import the module; test_cli checks the two agree).
+LUDWIG_FEATURE_TYPES = ("fbank", "stft", "stft_phase", "group_delay", "raw")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_CLASSES:
+        value = getattr(importlib.import_module(f".{_LAZY_CLASSES[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: name -> factory(**overrides) -> Frontend
 _FACTORIES: dict[str, Callable[..., Frontend]] = {}
@@ -64,6 +86,18 @@ def available_frontends() -> list[str]:
     return sorted(_FACTORIES)
 
 
+def _close_names(name: str) -> list[str]:
+    """Registered names ``name`` is probably a typo of: the best difflib matches (ratio >= 0.6,
+    within 0.05 of the best), else the names containing it (``fbank`` -> ``ludwig-fbank``)."""
+    names = available_frontends()
+    query = name.strip().lower()
+    ratio = {n: difflib.SequenceMatcher(None, query, n).ratio() for n in difflib.get_close_matches(query, names, n=3)}
+    if ratio:
+        best = max(ratio.values())
+        return [n for n, r in ratio.items() if r >= best - 0.05]
+    return [n for n in names if len(query) >= 3 and query in n][:3]
+
+
 def get_frontend(name: str, **overrides: Any) -> Frontend:
     """Build a registered frontend.
 
@@ -76,14 +110,17 @@ def get_frontend(name: str, **overrides: Any) -> Frontend:
         A new :class:`Frontend`.
 
     Raises:
-        UnknownFrontendError: ``name`` is not registered (the message lists the available ones).
+        UnknownFrontendError: ``name`` is not registered (the message suggests close names and
+            lists the available ones).
         FeatureConfigError: unknown override key (the message lists the valid ones) or bad value.
     """
     try:
         factory = _FACTORIES[name]
     except (KeyError, TypeError):
+        close = _close_names(name) if isinstance(name, str) else []
+        suggestion = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
         raise UnknownFrontendError(
-            f"unknown frontend {name!r}; available frontends: {', '.join(available_frontends())}"
+            f"unknown frontend {name!r}{suggestion}; available frontends: {', '.join(available_frontends())}"
         ) from None
     return factory(**overrides)
 
@@ -183,17 +220,37 @@ def register_frontend(
     return decorator(fn)
 
 
+# Built-in factories import their module when first called (see the module docstring).
 def _squeezeformer(**overrides: Any) -> Frontend:
+    from .logmel import SQUEEZEFORMER_CONFIG, LogMelFrontend, make_logmel_config
+
     return LogMelFrontend("squeezeformer", make_logmel_config(SQUEEZEFORMER_CONFIG, overrides))
 
 
 def _zipformer(**overrides: Any) -> Frontend:
+    from .logmel import ZIPFORMER_CONFIG, LogMelFrontend, make_logmel_config
+
     return LogMelFrontend("zipformer", make_logmel_config(ZIPFORMER_CONFIG, overrides))
+
+
+def _w2v_bert(**overrides: Any) -> Frontend:
+    from .w2v_bert import make_w2v_bert
+
+    return make_w2v_bert(**overrides)
+
+
+def _ludwig_factory(name: str) -> Callable[..., Frontend]:
+    def make(**overrides: Any) -> Frontend:
+        from .ludwig import FACTORIES
+
+        return FACTORIES[name](**overrides)
+
+    make.__name__ = make.__qualname__ = f"_{name.replace('-', '_')}"
+    return make
 
 
 _register_factory("squeezeformer", _squeezeformer)
 _register_factory("zipformer", _zipformer)
-
-_register_factory("w2v-bert", make_w2v_bert)
-for _name, _factory in LUDWIG_FACTORIES.items():
-    _register_factory(_name, _factory)
+_register_factory("w2v-bert", _w2v_bert)
+for _type in LUDWIG_FEATURE_TYPES:
+    _register_factory(f"ludwig-{_type}", _ludwig_factory(f"ludwig-{_type}"))

@@ -54,7 +54,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import scipy.fft
-from scipy.signal.windows import get_window
 
 from asr_assets.errors import FeatureConfigError
 
@@ -164,6 +163,8 @@ def num_stft_frames(num_samples: int, window: int, shift: int) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _window(window_type: str, length: int, group_delay: bool) -> np.ndarray:
+    from scipy.signal.windows import get_window  # scipy.signal costs ~0.5 s to import: only when computing
+
     w = get_window(window_type, length, fftbins=False).astype(np.float64)
     if group_delay:
         w = w * np.arange(length)
