@@ -253,27 +253,29 @@ def materialize(settings: Settings) -> int:
     _dagster_home()
     import dagster as dg
 
-    from .definitions import build_graph
+    from .definitions import build_definitions
+    from .defs.assets import feature_asset_name
+    from .defs.jobs import FEATURES_JOB, RECORD_CACHE_JOB, run_tags
     from .defs.partitions import NUM_SHARDS, feature_partition_key
     from .record_cache import RecordStore
 
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
     instance = _dagster_instance()
-    graph = build_graph(settings)
-    everything = [graph.manifests, graph.record_cache, *graph.feature_assets, *graph.checks]
+    defs = build_definitions(settings)
     print(f"asr-assets: manifests {list(settings.manifests)} -> {settings.output_path} "
           f"(frontends {', '.join(settings.frontends)}; DAGSTER_HOME={os.environ['DAGSTER_HOME']})", flush=True)
 
-    def run(selection, start: str, end: str, what: str) -> bool:
+    def run(job_name: str, start: str, end: str, what: str, tags: dict[str, str]) -> bool:
         one = start == end  # a single partition: per-partition data version and check history
-        tags = {"asr/cli": "materialize"}
+        tags = {"asr/cli": "materialize", **tags}
         if not one:
             tags.update({"dagster/asset_partition_range_start": start, "dagster/asset_partition_range_end": end})
+        job = defs.resolve_job_def(job_name)  # a named job, so the Runs page says what ran
         with contextlib.redirect_stderr(sys.stdout):  # Dagster's console log is progress, not a problem
-            result = dg.materialize(
-                everything, selection=selection, instance=instance, resources=graph.resources, raise_on_error=False,
-                run_config=_QUIET_LOGS, partition_key=start if one else None, tags=tags,
+            result = job.execute_in_process(
+                instance=instance, raise_on_error=False, run_config=_QUIET_LOGS,
+                partition_key=start if one else None, tags=tags,
             )
         sys.stdout.flush()
         if not result.success:
@@ -281,14 +283,16 @@ def materialize(settings: Settings) -> int:
                   file=sys.stderr)
         return result.success
 
-    ok = all([run(dg.AssetSelection.assets(graph.record_cache), split, split, f"record_cache[{split}]") for split in SPLITS])
+    ok = all([run(RECORD_CACHE_JOB, split, split, f"record_cache[{split}]", run_tags("record_cache", split))
+              for split in SPLITS])
     if ok and not any(len(RecordStore(settings.record_cache_path(s))) for s in SPLITS):
         _print_summary(settings)
         raise ManifestError(_no_records_message(settings))
     if ok:
         for split in SPLITS:
-            ok = run(dg.AssetSelection.assets(*graph.feature_assets), feature_partition_key(split, 0),
-                     feature_partition_key(split, NUM_SHARDS - 1), f"features of {split}") and ok
+            assets = ",".join(feature_asset_name(name) for name in settings.frontends)
+            ok = run(FEATURES_JOB, feature_partition_key(split, 0), feature_partition_key(split, NUM_SHARDS - 1),
+                     f"features of {split}", run_tags(assets, split, shards=f"00-{NUM_SHARDS - 1:02d}")) and ok
     _print_summary(settings)
     return 0 if ok else 1
 
