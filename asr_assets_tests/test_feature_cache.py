@@ -68,7 +68,7 @@ def test_written_schema_and_atomic_names(tmp_path):
 
 
 def test_read_semantics_newest_part_last_row_tombstone(tmp_path):
-    cache = ShardedParquetFeatureCache(tmp_path)
+    cache = ShardedParquetFeatureCache(tmp_path, refresh_interval_s=0)  # re-validate on every load
     key = cache.key("u", "squeezeformer")
     shard = shard_index(key)
     with ShardWriter(tmp_path, shard) as writer:
@@ -105,3 +105,52 @@ def test_stale_temporary_files_of_dead_local_writers_are_removed(tmp_path):
     assert remove_stale_tmp(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".part_a.parquet" + mine, f".part_c.parquet.tmp.otherhost-{dead.pid}", "part_d.parquet"]
+
+
+def test_reader_lists_a_shard_once_per_interval_and_on_refresh(tmp_path, monkeypatch):
+    """Warm loads neither list nor stat the shard; new parts appear after refresh()."""
+    from asr_assets import feature_cache
+
+    cache = ShardedParquetFeatureCache(tmp_path, refresh_interval_s=3600)
+    keys = [cache.key(f"u{i}", "squeezeformer") for i in range(40)]
+    for i, key in enumerate(keys):
+        with ShardWriter(tmp_path, shard_index(key), rows_per_part=256) as writer:
+            writer.add(key, np.full((3, 2), i, np.float32))
+    listings = []
+    real = feature_cache.list_parts
+    monkeypatch.setattr(feature_cache, "list_parts", lambda d: listings.append(d) or real(d))
+    for _ in range(3):
+        for i in range(40):
+            assert cache.load(f"u{i}")[0, 0] == i
+    assert len(listings) == len({shard_index(k) for k in keys})  # once per shard, not per load
+    # a newer part is invisible until refresh() (or the interval), then wins
+    with ShardWriter(tmp_path, shard_index(keys[0])) as writer:
+        writer.add(keys[0], np.full((3, 2), 99, np.float32))
+    assert cache.load("u0")[0, 0] == 0
+    cache.refresh()
+    assert cache.load("u0")[0, 0] == 99
+    # load_many groups by part and keeps the order of its arguments
+    got = cache.load_many([f"u{i}" for i in (5, 1, 5, 39)] + ["missing"])
+    assert [g[0, 0] for g in got[:4]] == [5, 1, 5, 39] and got[4] is None
+
+
+def test_parts_have_one_row_per_row_group_and_index_from_footer(tmp_path):
+    ids = [u for u in (f"u{i}" for i in range(2000)) if shard_index(cache_key(u, "0a48384efcf3")) == 3][:7]
+    k = [cache_key(u, "0a48384efcf3") for u in ids]
+    with ShardWriter(tmp_path, 3, rows_per_part=5) as writer:
+        for i in range(5):
+            writer.add(k[i], np.full((2, 4), i, dtype=np.float32))
+        writer.delete(k[2])
+    parts = sorted(shard_dir(tmp_path, 3).glob("part_*.parquet"))
+    meta = pq.ParquetFile(parts[0]).metadata
+    assert meta.num_row_groups == 5 and all(meta.row_group(i).num_rows == 1 for i in range(5))
+    assert meta.row_group(0).column(1).compression == "UNCOMPRESSED"  # payload
+    assert meta.row_group(0).column(0).statistics.min == k[0]
+    cache = ShardedParquetFeatureCache(tmp_path)
+    assert cache.shard_entries(3) == {**{k[i]: (parts[0], i) for i in range(5) if i != 2}, k[2]: None}
+    # a part written by upstream (one big row group) reads the same
+    pq.write_table(pa.table({"key": [k[5], k[6]], "payload": [encode_payload(np.ones((1, 2), np.float32)), None],
+                             "deleted": [False, True]}), shard_dir(tmp_path, 3) / "part_zz_upstream.parquet")
+    fresh = ShardedParquetFeatureCache(tmp_path)
+    assert fresh.load(ids[5])[0, 0] == 1.0 and fresh.load(ids[6]) is None and fresh.load(ids[2]) is None
+    np.testing.assert_array_equal(fresh.read(ids[4]), np.full((2, 4), 4, np.float32))
