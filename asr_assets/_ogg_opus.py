@@ -6,16 +6,22 @@ reject such a stream. :func:`repair_missing_opustags` inserts a minimal ``OpusTa
 the ``OpusHead`` page, renumbers the page sequence numbers of that logical stream and recomputes
 every changed page's CRC, so the result decodes with any conforming decoder.
 
+It also finds the links of a *chained* Ogg file (RFC 3533 section 4: logical bitstreams one after
+the other, e.g. ``cat a.ogg b.ogg``): libsndfile silently decodes only the first link, so
+:mod:`asr_assets.audio` decodes each link on its own.
+
 Entry points:
     looks_like_ogg_opus(head) -> bool
     repair_missing_opustags(data) -> bytes
+    ogg_link_ranges(fh, size) -> [(start, end), ...] byte ranges of the links
 """
 
 from __future__ import annotations
 
 import struct
 
-__all__ = ["looks_like_ogg_opus", "repair_missing_opustags", "ogg_crc32", "OggRepairError"]
+__all__ = ["looks_like_ogg_opus", "repair_missing_opustags", "ogg_crc32", "ogg_link_ranges",
+           "OggRepairError"]
 
 _SNIFF_BYTES = 64 * 1024
 _HEADER = struct.Struct("<4sBBqIIIB")  # capture, version, type, granule, serial, seqno, crc, nseg
@@ -170,3 +176,88 @@ def repair_missing_opustags(data: bytes) -> bytes:
     if insert_at == len(pages):
         out += _opustags_page(serial, seq + 1).to_bytes()
     return bytes(out)
+
+
+_BOS_MARKS = (b"OggS\x00\x02", b"OggS\x00\x06")  # version 0, BOS (and BOS+EOS) page
+_SCAN_CHUNK = 1 << 20
+
+
+def _page_at(fh, pos: int, size: int) -> tuple[int, int] | None:
+    """(header type, page end) of a CRC-valid page starting at ``pos``, or None."""
+    fh.seek(pos)
+    head = fh.read(_HEADER.size)
+    if len(head) < _HEADER.size or head[:4] != b"OggS":
+        return None
+    nseg = head[26]
+    segments = fh.read(nseg)
+    if len(segments) < nseg:
+        return None
+    end = pos + _HEADER.size + nseg + sum(segments)
+    if end > size:
+        return None
+    body = fh.read(end - pos - _HEADER.size - nseg)
+    raw = bytearray(head + segments + body)
+    crc = struct.unpack_from("<I", raw, 22)[0]
+    raw[22:26] = b"\0\0\0\0"
+    if ogg_crc32(bytes(raw)) != crc:
+        return None
+    return head[5], end
+
+
+def ogg_link_ranges(fh, size: int, max_links: int = 256) -> list[tuple[int, int]]:
+    """Byte ranges ``[start, end)`` of the links of an Ogg physical bitstream.
+
+    A link starts with its beginning-of-stream (BOS) pages (one per multiplexed logical stream,
+    all before any data page); a CRC-valid BOS page after a non-BOS page starts the next link.
+    BOS pages are searched with ``bytes.find`` over 1 MiB chunks, so the cost does not grow with
+    the number of pages (only BOS candidates are parsed and CRC-checked).
+
+    Args:
+        fh: a seekable binary file positioned anywhere; the file must start with an Ogg page.
+        size: the file's size in bytes.
+        max_links: stop after this many links (the caller refuses such a file).
+
+    Returns:
+        One ``(start, end)`` per link, covering ``[0, size)``; a single item for an unchained
+        file (or one that does not start with a valid page).
+    """
+    starts = [0]
+    group_end = 0  # end of the last BOS page seen (BOS pages of one link are contiguous)
+    pos = 0
+    while True:  # the first link's BOS group
+        page = _page_at(fh, pos, size)
+        if page is None or not page[0] & _BOS:
+            break
+        pos = group_end = page[1]
+    if group_end == 0:
+        return [(0, size)]
+    offset = group_end
+    while offset < size and len(starts) <= max_links:
+        fh.seek(offset)
+        chunk = fh.read(_SCAN_CHUNK + 5)
+        if not chunk:
+            break
+        hits = sorted(i for mark in _BOS_MARKS for i in _find_all(chunk, mark)
+                      if i < _SCAN_CHUNK or offset + _SCAN_CHUNK >= size)
+        for i in hits:
+            at = offset + i
+            if at < group_end:
+                continue
+            page = _page_at(fh, at, size)
+            if page is None:
+                continue
+            if at != group_end:  # a data page came between: a new link
+                starts.append(at)
+                if len(starts) > max_links:
+                    break
+            group_end = page[1]
+        offset += _SCAN_CHUNK
+    ends = starts[1:] + [size]
+    return list(zip(starts, ends))
+
+
+def _find_all(data: bytes, mark: bytes):
+    i = data.find(mark)
+    while i >= 0:
+        yield i
+        i = data.find(mark, i + 1)
