@@ -7,8 +7,8 @@ Entry points:
 
 Work is split across ``workers`` processes (one thread each: per-utterance DSP does not gain
 from threads on small machines); results are consumed in record order, so the rows of every part
-are the same whatever the number of workers. At most ``4 * workers`` utterances are in flight,
-which bounds memory to that many decoded clips (each capped by ``max_decode_s``).
+are the same whatever the number of workers. Each worker holds one decoded clip (capped by
+``max_decode_s``) and at most ``4 * workers`` results wait to be consumed.
 Tasks are ordered shard by shard and a shard's writer commits as soon as its last utterance is
 done, so the main process holds at most ``rows_per_part`` payloads of about two shards.
 Peak memory is therefore bounded by roughly
@@ -17,27 +17,55 @@ plus ``(4 x workers + 2 x rows_per_part) x payload`` in the main process, whatev
 size (measured in the README's reliability section).
 An utterance that cannot be decoded or featurized becomes a :class:`Failure` and the loop goes
 on, unless ``fail_fast``.
+
+Hostile input cannot stop the run:
+
+* **Crashes.** Each worker runs its tasks one at a time from its own pipe, so the utterance a
+  worker was running when it died (segfault, OOM kill) is known exactly. It is run once more in
+  another worker (the kill may have been someone else's fault) and reported with stage
+  ``"worker"`` if that one dies too; the other workers carry on.
+* **Hangs.** Every utterance has a wall-clock limit,
+  ``max(utterance_timeout_s, timeout_per_audio_s x min(duration, max_decode_s))`` (defaults
+  60 s and 10 s per second of audio; see :meth:`ExtractionConfig.time_limit_s`). A worker that
+  overruns it (a FIFO or device that never delivers data, a stalled network file system, a
+  decoder or frontend stuck in a loop) is killed with SIGKILL and replaced; the utterance is
+  reported with stage ``"timeout"`` and its limit, and the utterances queued behind it are
+  computed as usual. With ``workers=1`` the work also runs in one worker process, so it is
+  bounded too; only ``workers=1`` with ``utterance_timeout_s=None`` runs in this process.
+* **Orphans.** Workers and the fork server die with the main process, even when it is killed
+  with SIGKILL and even when a worker is stuck in C code holding the GIL: on Linux the fork
+  server gets ``PR_SET_PDEATHSIG`` (checked against a re-parenting, so the exit of the thread that
+  started it is harmless) and workers get ``PR_SET_PDEATHSIG(SIGKILL)`` towards the fork server.
+  On every platform a thread in each worker also ends it when the main process's end of a pipe
+  closes (enough for a worker that is not stuck holding the GIL).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import heapq
+import math
 import multiprocessing
 import os
+import pickle
 import resource
+import signal
+import sys
+import threading
 import time
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import traceback
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Sequence
+from multiprocessing.connection import wait as _wait_ready
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import threadpoolctl
 
 from ._fs import remove_stale_tmp
 from .audio import DecodeConfig, load_audio
-from .errors import AsrAssetsError
+from .errors import AsrAssetsError, ConfigError
 from .feature_cache import ShardWriter, ShardedParquetFeatureCache, cache_key, encode_payload, shard_dir, shard_index, shard_lock
 from .frontends import Frontend
 from .record_cache import RecordStore
@@ -48,7 +76,9 @@ class ExtractionConfig:
     """Runtime settings of feature extraction (none of them changes the cache key).
 
     Attributes:
-        workers: worker processes; 1 runs in-process. Default: every core.
+        workers: worker processes (1 still runs in one worker process, so that a crash or a hang
+            costs one utterance; only with ``utterance_timeout_s=None`` does it run in this
+            process). Default: every core.
         rows_per_part: rows per Parquet part (upstream Rust default 256).
         num_shards: shards per split (64).
         ffmpeg_fallback: decode with PyAV when libsndfile cannot.
@@ -58,6 +88,14 @@ class ExtractionConfig:
             record's duration (at least 0.5 s is always allowed); a bigger one fails the
             utterance, since a truncated file with a full transcript is a harmful training
             example. None disables the check.
+        utterance_timeout_s: wall-clock limit of one utterance (decode + features) in seconds,
+            the floor of :meth:`time_limit_s`; a worker that overruns it is killed and the
+            utterance reported with stage ``"timeout"``. None: no limit (and ``workers=1``
+            then runs in this process, e.g. to debug a frontend).
+        timeout_per_audio_s: seconds allowed per second of audio, for clips long enough that
+            ``timeout_per_audio_s x duration`` exceeds the floor (10 s per second is 0.1x real
+            time, about 100x slower than the built-in frontends; raise it for a slow custom
+            frontend).
     """
 
     workers: int = len(os.sched_getaffinity(0)) or 1
@@ -67,17 +105,52 @@ class ExtractionConfig:
     max_decode_s: float = 60.0
     fail_fast: bool = False
     duration_tolerance: float | None = 0.1
+    utterance_timeout_s: float | None = 60.0
+    timeout_per_audio_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        floor = self.utterance_timeout_s
+        if floor is not None and not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor > 0):
+            raise ConfigError(f"utterance_timeout_s must be a positive number of seconds or None, got {floor!r}")
+        rate = self.timeout_per_audio_s
+        if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate >= 0):
+            raise ConfigError(f"timeout_per_audio_s must be a finite number >= 0, got {rate!r}")
+
+    def time_limit_s(self, expected_samples: int) -> float | None:
+        """Wall-clock limit of an utterance of ``expected_samples`` samples at 16 kHz (the record
+        cache's ``num_samples``; 0 if unknown): ``max(utterance_timeout_s, timeout_per_audio_s x
+        seconds)``, the seconds capped at ``max_decode_s`` (decoding never goes further, so a
+        manifest that claims an hour does not buy an hour). None when ``utterance_timeout_s`` is None.
+        """
+        if self.utterance_timeout_s is None:
+            return None
+        seconds = max(int(expected_samples), 0) / 16000
+        if self.max_decode_s is not None:
+            seconds = min(seconds, self.max_decode_s)
+        return max(float(self.utterance_timeout_s), self.timeout_per_audio_s * seconds)
+
+    def describe_limit(self, expected_samples: int) -> str:
+        """How :meth:`time_limit_s` came about, for the failure report."""
+        seconds = max(int(expected_samples), 0) / 16000
+        capped = self.max_decode_s is not None and seconds > self.max_decode_s
+        shown = f"{self.max_decode_s:g} s (max_decode_s)" if capped else f"{seconds:.2f} s"
+        return f"max({self.utterance_timeout_s:g} s, {self.timeout_per_audio_s:g} s per audio second x {shown})"
 
 
 @dataclass
 class Failure:
-    """One utterance that has no features, and why (a line of the failure report)."""
+    """One utterance that has no features, and why (a line of the failure report).
+
+    ``stage`` is ``"decode"``, ``"featurize"``, ``"worker"`` (the worker process died on it twice)
+    or ``"timeout"`` (no result within ``limit_s`` seconds; the worker was killed).
+    """
 
     utterance_id: str
     audio_source: str | None
     stage: str
     error: str
     shard: int
+    limit_s: float | None = None
 
 
 @dataclass
@@ -251,14 +324,16 @@ def _extract_locked(plan, split_root, frontend: Frontend, fhash: str, config: Ex
     for shard, count in remaining.items():
         if count == 0:
             writers[shard].close()  # tombstones only (or nothing): commit now
+    results = _run(todo, (frontend, decode, config.duration_tolerance), config.workers, config)
     try:
-        for done, (task, result) in enumerate(_run(todo, (frontend, decode, config.duration_tolerance), config.workers), start=1):
+        for done, (task, result) in enumerate(results, start=1):
             payload, seconds, frames, stage, error, busy, peak_mib = result
             shard_stats = stats[task.shard]
             shard_stats.worker_seconds += busy
             shard_stats.worker_peak_rss_mib = max(shard_stats.worker_peak_rss_mib, peak_mib)
             if payload is None:
-                failure = Failure(task.utterance_id, task.source, stage or "featurize", error or "unknown", task.shard)
+                failure = Failure(task.utterance_id, task.source, stage or "featurize", error or "unknown", task.shard,
+                                  config.time_limit_s(task.expected_samples) if stage == "timeout" else None)
                 if config.fail_fast:
                     raise AsrAssetsError(f"utterance {task.utterance_id!r} ({task.source}): {failure.stage}: {failure.error}")
                 shard_stats.failed += 1
@@ -274,83 +349,431 @@ def _extract_locked(plan, split_root, frontend: Frontend, fhash: str, config: Ex
             if progress is not None:
                 progress(done, len(todo))
     finally:
+        results.close()  # stops the workers now, also when fail_fast raised or the caller was interrupted
         for shard, writer in writers.items():
             writer.close()
             stats[shard].parts_written = len(writer.parts_written)
     return stats
 
 
-_CRASHED = "worker process died (killed by a signal, e.g. a decoder crash) while decoding or featurizing this utterance"
+# --- worker processes -------------------------------------------------------------------------
+#
+# Why not concurrent.futures.ProcessPoolExecutor: it cannot stop one task (only the whole pool),
+# a dead worker breaks the pool without saying which task killed it, and its workers block on a
+# queue that every worker holds open, so they outlive a main process killed with SIGKILL. Here
+# each worker has its own pipe and runs at most ``_DEPTH`` tasks queued on it, first in first
+# out: the task at the head is the one running, the main process times it and knows which
+# utterance a dead or killed worker had.
+
+_CRASHED = "worker process died ({how}) while decoding or featurizing this utterance, twice"
+_DEPTH = 2  # tasks queued per worker: one running, one waiting (keeps workers busy while the main process writes)
+_START_LIMIT_S = 300.0  # a worker that cannot even start in this long means a broken environment, not bad audio
+_START_FAILURES = 3  # workers dying before they are ready, in a row, after some worked: give up
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+#: Signal the fork server gets when its parent thread exits; its handler exits only when the main
+#: *process* is gone (a thread that started the fork server may end long before the process).
+_FORK_SERVER_PDEATHSIG = signal.SIGUSR2
+_fork_server_parent: int | None = None
 
 
-def _pool(workers: int, state: tuple) -> ProcessPoolExecutor:
-    # forkserver, not fork: the caller may be a Dagster step with threads. Preloading this module
-    # in the fork server (numpy, scipy, soundfile, soxr, PyAV) makes each new worker a cheap fork
-    # instead of a fresh interpreter that imports everything again (~1 s per pool otherwise).
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["asr_assets.extraction", "av"])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker, initargs=state)
+def _set_parent_death_signal(sig: int) -> bool:
+    """``prctl(PR_SET_PDEATHSIG, sig)``: the kernel sends ``sig`` to this process when the thread
+    that created it exits. False where that is unavailable (not Linux, no libc prctl)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return False
+    return prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
 
 
-def _isolated(task: _Task, state: tuple):
-    """Run one task alone in a fresh worker; a crash there is this task's own."""
-    with _pool(1, state) as pool:
+def _fork_server_parent_died(signum, frame) -> None:
+    if os.getppid() != _fork_server_parent:  # re-parented: the main process is gone, not just a thread of it
+        os._exit(0)  # our workers follow: their PR_SET_PDEATHSIG(SIGKILL) points at this process
+
+
+def _arm_fork_server() -> None:
+    """Make the fork server die with the main process (run when it preloads this module)."""
+    global _fork_server_parent
+    _fork_server_parent = os.getppid()
+    signal.signal(_FORK_SERVER_PDEATHSIG, _fork_server_parent_died)
+    if _set_parent_death_signal(_FORK_SERVER_PDEATHSIG) and os.getppid() != _fork_server_parent:
+        os._exit(0)  # the main process died before prctl took effect
+    # Without prctl the fork server still exits by itself once the main process and every worker
+    # are gone (they hold its "alive" pipe), and each worker watches the main process (below).
+
+
+def _in_fork_server() -> bool:
+    """Is this module being preloaded by ``multiprocessing.forkserver.main`` (in the fork server
+    itself, not in a worker it forked, which has ``main`` on its stack too)?"""
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    codes = {name: getattr(getattr(forkserver, name, None), "__code__", None) for name in ("main", "_serve_one")}
+    if codes["main"] is None:
+        return False
+    seen = set()
+    frame = sys._getframe(1)
+    while frame is not None:
+        seen.add(frame.f_code)
+        frame = frame.f_back
+    return codes["main"] in seen and codes["_serve_one"] not in seen
+
+
+def _watch_main_process(lifeline) -> None:
+    """Exit this worker when the main process is gone: only the main process holds the write end
+    of ``lifeline`` and never writes, so a read returns (EOF) exactly when it has died or closed
+    the pool. A backstop for PR_SET_PDEATHSIG; it needs the GIL, the kernel signal does not."""
+    def watch() -> None:
+        with contextlib.suppress(EOFError, OSError):
+            lifeline.recv_bytes()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="asr-assets-main-watch", daemon=True).start()
+
+
+def _worker_main(conn, lifeline, state: tuple) -> None:
+    """A feature worker: ``("ready", pid)``, then for each ``(index, fn, args)`` received, runs
+    ``fn(*args)`` and sends ``("ok", index, result)`` or ``("error", index, exception, traceback)``.
+    ``None`` or EOF ends it."""
+    parent = os.getppid()
+    if _set_parent_death_signal(signal.SIGKILL) and os.getppid() != parent:
+        os._exit(1)  # the fork server died before prctl took effect
+    signal.signal(_FORK_SERVER_PDEATHSIG, signal.SIG_DFL)  # the fork server's handler, inherited
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle; it stops us
+    _watch_main_process(lifeline)
+    _init_worker(*state)
+    conn.send(("ready", os.getpid()))
+    while True:
         try:
-            return pool.submit(_featurize, task).result()
-        except BrokenProcessPool:
-            return None, 0.0, 0, "worker", _CRASHED, 0.0, 0.0
-
-
-def _ping() -> bool:
-    return True
-
-
-def _check_workers_start(state: tuple) -> None:
-    """Raise if a fresh worker cannot even run a no-op (a broken environment, not bad audio)."""
-    with _pool(1, state) as pool:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        index, fn, args = message
         try:
-            pool.submit(_ping).result()
-        except BrokenProcessPool as exc:
+            reply = ("ok", index, fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main process
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            try:
+                pickle.loads(pickle.dumps(exc))
+            except Exception:  # noqa: BLE001 - e.g. an exception class with a custom __init__
+                exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+            reply = ("error", index, exc, text)
+        conn.send(reply)
+
+
+class _RemoteTraceback(Exception):
+    def __init__(self, text: str):
+        super().__init__(text)
+
+    def __str__(self) -> str:
+        return f"\n\"\"\"\n{self.args[0]}\"\"\""
+
+
+class _Worker:
+    """One worker process, its pipe, and the tasks queued on it (the head is running)."""
+
+    def __init__(self, context, lifeline, state: tuple):
+        self.conn, child = context.Pipe(duplex=True)
+        self.process = context.Process(target=_worker_main, args=(child, lifeline, state), daemon=True,
+                                       name="asr-assets-feature-worker")
+        self.process.start()
+        child.close()  # our copy: the worker's exit must read as EOF here
+        self.spawned = time.monotonic()
+        self.ready = False
+        self.queued: list[int] = []  # task indexes in the order sent
+        self.deadline = math.inf  # of the head task
+
+    def send(self, index: int, fn, args: tuple) -> None:
+        self.conn.send((index, fn, args))
+        self.queued.append(index)
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            self.process.kill()
+        self.reap()
+
+    def reap(self) -> int | None:
+        with contextlib.suppress(OSError, ValueError, AssertionError):
+            self.process.join(10)
+        with contextlib.suppress(OSError):
+            self.conn.close()
+        if self.process.exitcode is None:
+            # Still there 10 s after SIGKILL: stuck in the kernel (uninterruptible I/O, e.g. a hard
+            # NFS mount). Give up on it, and keep multiprocessing's exit handler from joining it
+            # forever when this process exits.
+            getattr(multiprocessing.process, "_children", set()).discard(self.process)
+        return self.process.exitcode
+
+    def describe_exit(self) -> str:
+        code = self.process.exitcode
+        if code is not None and code < 0:
+            with contextlib.suppress(ValueError):
+                return f"killed by {signal.Signals(-code).name}, e.g. a decoder crash or the OOM killer"
+            return f"killed by signal {-code}"
+        return f"exit status {code}"
+
+
+class _WorkerPool:
+    """Worker processes made by a fork server that preloads this module (numpy, scipy, soundfile,
+    soxr, PyAV), so each new worker is a cheap fork, not a fresh interpreter that imports
+    everything again (~1 s per worker otherwise). Not fork: the caller may be a Dagster step
+    with threads."""
+
+    def __init__(self, state: tuple):
+        self.state = state
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(["asr_assets.extraction", "av"])
+        self._lifeline_r, self._lifeline_w = self.context.Pipe(duplex=False)
+        self.workers: list[_Worker] = []
+        self.started_any = False  # has any worker of this pool ever become ready?
+        self.start_failures = 0  # workers that died before being ready, since the last one that started
+
+    def spawn(self) -> _Worker:
+        for attempt in range(3):
+            try:
+                worker = _Worker(self.context, self._lifeline_r, self.state)
+                break
+            except (EOFError, OSError) as exc:
+                # The fork server died (killed, OOM) and multiprocessing has not noticed yet; the
+                # next attempt's ensure_running() starts a new one.
+                if attempt == 2:
+                    raise AsrAssetsError(f"cannot start a feature worker process: {type(exc).__name__}: {exc}") from exc
+                time.sleep(0.2 * (attempt + 1))
+        self.workers.append(worker)
+        return worker
+
+    def receive(self, worker: _Worker):
+        """The next message of ``worker`` (None: it has died); handles ``ready`` itself."""
+        try:
+            message = worker.conn.recv()
+        except (EOFError, OSError):
+            return None
+        if message[0] == "ready":
+            worker.ready = True
+            self.started_any = True
+            self.start_failures = 0
+        elif message[0] == "error":
+            _, _, exc, text = message
+            raise exc from _RemoteTraceback(text)
+        return message
+
+    def buried(self, worker: _Worker) -> None:
+        """Forget ``worker`` (dead or killed); raise if workers cannot even start."""
+        worker.reap()
+        self.workers.remove(worker)
+        if worker.ready:
+            return
+        self.start_failures += 1
+        if not self.started_any or self.start_failures >= _START_FAILURES:
             raise AsrAssetsError(
-                "feature worker processes die at start-up (multiprocessing re-imports __main__: run from a "
-                "file or a notebook, not stdin; or run with workers=1 to see the error in-process)"
-            ) from exc
+                f"feature worker processes die at start-up ({worker.describe_exit()}; multiprocessing re-imports "
+                "__main__: run from a file or a notebook, not stdin; or run with workers=1 and "
+                "utterance_timeout_s=None to see the error in-process)")
+
+    def check_start(self, now: float) -> None:
+        for worker in self.workers:
+            if not worker.ready and now - worker.spawned > _START_LIMIT_S:
+                raise AsrAssetsError(f"a feature worker process did not start within {_START_LIMIT_S:g} s "
+                                     "(a frontend or plugin that blocks when it is unpickled?)")
+
+    def submit(self, fn, *args) -> Future:
+        """Run ``fn(*args)`` in a worker and wait for it (for one-off calls: diagnostics, tests)."""
+        worker = next((w for w in self.workers if not w.queued), None) or self.spawn()
+        future: Future = Future()
+        while not worker.ready:
+            if not _wait_ready([worker.conn], _START_LIMIT_S):
+                self.check_start(time.monotonic())
+            if self.receive(worker) is None:
+                self.buried(worker)
+                raise AsrAssetsError(f"the feature worker died ({worker.describe_exit()})")
+        worker.send(-1, fn, args)
+        try:
+            message = self.receive(worker)
+        except BaseException as exc:
+            future.set_exception(exc)
+            return future
+        finally:
+            worker.queued.clear()
+        if message is None:
+            self.buried(worker)
+            future.set_exception(AsrAssetsError(f"the feature worker died ({worker.describe_exit()})"))
+        else:
+            future.set_result(message[2])
+        return future
+
+    def close(self) -> None:
+        """Stop every worker: idle ones are asked to exit, busy ones are killed."""
+        for worker in self.workers:
+            if worker.queued:
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    worker.process.kill()
+            else:
+                with contextlib.suppress(OSError, ValueError):
+                    worker.conn.send(None)
+        for worker in self.workers:
+            with contextlib.suppress(OSError, ValueError, AssertionError):
+                worker.process.join(5)
+            if worker.process.exitcode is None:
+                worker.kill()
+            else:
+                worker.reap()
+        self.workers.clear()
+        for end in (self._lifeline_w, self._lifeline_r):
+            with contextlib.suppress(OSError):
+                end.close()
+
+    def __enter__(self) -> "_WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def _run(tasks: list[_Task], state: tuple, workers: int):
-    """Yield ``(task, result)`` in task order, with at most ``4 * workers`` in flight.
+def _pool(workers: int, state: tuple) -> _WorkerPool:
+    """A pool for ``state`` (frontend, decode config, duration tolerance); workers are started on
+    demand (``workers`` is kept for the call sites' readability)."""
+    return _WorkerPool(state)
 
-    ``workers <= 1`` runs in this process (no crash isolation). Otherwise, when a worker dies
-    (segfault or OOM kill on hostile input), the utterances that were in flight are re-run one
-    by one in fresh workers, the culprit is reported as a failure, and the run goes on.
+
+def _timeout_result(task: _Task, config: ExtractionConfig, limit: float) -> tuple:
+    return (None, 0.0, 0, "timeout",
+            f"no result within {limit:g} s (limit {config.describe_limit(task.expected_samples)}): the worker was "
+            "killed and replaced (a hung decoder or frontend: a FIFO or device that never delivers data, "
+            "a stalled network or file system, a pathological input)", 0.0, 0.0)
+
+
+def _run(tasks: list[_Task], state: tuple, workers: int, config: ExtractionConfig = ExtractionConfig()):
+    """Yield ``(task, result)`` in task order, with at most ``4 * workers`` results held.
+
+    ``workers <= 1`` without a time limit (``config.utterance_timeout_s=None``) runs in this
+    process (no crash isolation, no time limit). Otherwise in worker processes (see
+    :class:`_WorkerPool`): a worker that dies costs the utterance it was running (after one
+    retry in a fresh worker), one that overruns the utterance's time limit is killed and the
+    utterance reported as a ``"timeout"``; queued utterances go to other workers.
     """
-    if workers <= 1:
+    if workers <= 1 and config.utterance_timeout_s is None:
         _STATE.update(frontend=state[0], decode=state[1], duration_tolerance=state[2])
         for task in tasks:
             yield task, _featurize(task)
         return
-    pending = deque(tasks)
-    healthy = False  # has any worker ever finished a task?
-    while pending:
-        with _pool(min(workers, len(pending)), state) as pool:
-            window: deque = deque()
-            while pending and len(window) < 4 * workers:
-                task = pending.popleft()
-                window.append((task, pool.submit(_featurize, task)))
-            while window:
-                task, future = window.popleft()
+    if not tasks:
+        return
+    with _WorkerPool(state) as pool:
+        yield from _schedule(pool, tasks, max(1, workers), config)
+
+
+def _schedule(pool: _WorkerPool, tasks: list[_Task], workers: int, config: ExtractionConfig) -> Iterator[tuple]:
+    limits = [config.time_limit_s(task.expected_samples) for task in tasks]
+    window = 4 * workers  # results not yet yielded, at most (bounds the payloads held)
+    results: dict[int, tuple] = {}
+    retry: list[int] = []  # heap of indexes to run again (their worker died under them)
+    crashes: dict[int, int] = {}
+    fresh = 0  # next index never sent
+    head = 0  # next index to yield
+    outstanding = len(tasks)  # indexes without a result yet
+
+    def next_index() -> int | None:
+        nonlocal fresh
+        if retry:
+            return heapq.heappop(retry)
+        if fresh < len(tasks) and fresh < head + window:
+            fresh += 1
+            return fresh - 1
+        return None
+
+    def start_head(worker: _Worker, now: float) -> None:
+        limit = limits[worker.queued[0]] if worker.queued else None
+        worker.deadline = now + limit if limit is not None else math.inf
+
+    def requeue(indexes: Iterable[int]) -> None:
+        for index in indexes:
+            heapq.heappush(retry, index)
+
+    def finish(index: int, result: tuple) -> None:
+        nonlocal outstanding
+        results[index] = result
+        outstanding -= 1
+
+    def lost(worker: _Worker, *, timed_out: bool) -> None:
+        """``worker`` is dead or was killed: settle its head task, requeue the rest, forget it."""
+        worker.reap()  # its exit status, for the report
+        if worker.queued:
+            culprit, *waiting = worker.queued
+            if timed_out:
+                finish(culprit, _timeout_result(tasks[culprit], config, limits[culprit]))
+            else:
+                crashes[culprit] = crashes.get(culprit, 0) + 1
+                if crashes[culprit] >= 2:
+                    finish(culprit, (None, 0.0, 0, "worker", _CRASHED.format(how=worker.describe_exit()), 0.0, 0.0))
+                else:
+                    waiting.append(culprit)  # once more, in another worker: the kill may not be its fault
+            requeue(waiting)
+            worker.queued.clear()
+        pool.buried(worker)
+
+    while head < len(tasks):
+        while head in results:
+            yield tasks[head], results.pop(head)
+            head += 1
+        if head >= len(tasks):
+            break
+        now = time.monotonic()
+        # Enough workers for the work that is left (replacing dead and killed ones).
+        while len(pool.workers) < min(workers, outstanding):
+            pool.spawn()
+        for worker in pool.workers:
+            while worker.ready and len(worker.queued) < _DEPTH:
+                index = next_index()
+                if index is None:
+                    break
                 try:
-                    result = future.result()
-                except BrokenProcessPool:
-                    if not healthy:
-                        _check_workers_start(state)
-                        healthy = True
-                    for suspect in [task, *(t for t, _ in window)]:
-                        yield suspect, _isolated(suspect, state)
-                    window.clear()
-                    break  # a new pool for what is left
-                healthy = True
-                yield task, result
-                if pending:
-                    nxt = pending.popleft()
-                    window.append((nxt, pool.submit(_featurize, nxt)))
+                    worker.send(index, _featurize, (tasks[index],))
+                except (OSError, ValueError):  # died meanwhile: noticed below through its sentinel
+                    requeue([index])
+                    break
+                if len(worker.queued) == 1:
+                    start_head(worker, now)
+        deadline = min([w.deadline for w in pool.workers]
+                       + [w.spawned + _START_LIMIT_S for w in pool.workers if not w.ready])
+        timeout = None if deadline == math.inf else max(0.0, deadline - now)
+        handles = {}
+        for worker in pool.workers:
+            handles[worker.conn] = worker
+            handles[worker.process.sentinel] = worker
+        ready = _wait_ready(list(handles), timeout)
+        now = time.monotonic()
+        dead: list[_Worker] = []
+        for handle in ready:
+            worker = handles[handle]
+            if worker in dead:
+                continue
+            while True:  # every message already there (a result may precede the worker's death)
+                try:
+                    pending = worker.conn.poll()
+                except (OSError, ValueError):
+                    pending = False
+                if not pending:
+                    if handle is worker.process.sentinel:
+                        dead.append(worker)  # exited, and nothing left to read
+                    break
+                message = pool.receive(worker)
+                if message is None:
+                    dead.append(worker)
+                    break
+                if message[0] == "ok":
+                    index = worker.queued.pop(0)
+                    assert index == message[1], (index, message[1])
+                    finish(index, message[2])
+                    start_head(worker, now)  # the next queued task starts now (or later: never early)
+        for worker in dead:
+            lost(worker, timed_out=False)
+        for worker in [w for w in pool.workers if w.queued and now >= w.deadline]:
+            worker.kill()
+            lost(worker, timed_out=True)
+        pool.check_start(now)
+
+
+if _in_fork_server():
+    _arm_fork_server()

@@ -100,14 +100,22 @@ def test_resource_bomb_is_refused_with_bounded_memory(tmp_path):
     _corpus(tmp_path, [("bomb", "hour.flac", "claims five seconds", "5.0")])
     settings = Settings(manifests=(str(root),), output=str(tmp_path / "out"), workers=1, max_decode_s=60)
     build_record_cache(settings, "train")
-    tracemalloc.start()
     stats = build_feature_shards(settings, "squeezeformer", "train", range(64))
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
     failures = [f for s in stats.values() for f in s.failures]
     assert [f.utterance_id for f in failures] == ["bomb"]
     assert "longer than max_duration_s=60" in failures[0].error
-    assert peak < 64 * 2**20  # the hour (230 MB as float32) is never held
+    # the worker (a separate process, even with workers=1) never held the hour: 230 MB as float32
+    assert 0 < max(s.worker_peak_rss_mib for s in stats.values()) < 200
+    # and the decoder itself, traced in this process, stops before holding it
+    from asr_assets.audio import DecodeConfig, load_audio
+    from asr_assets.errors import AudioDecodeError
+
+    tracemalloc.start()
+    with pytest.raises(AudioDecodeError, match="longer than max_duration_s=60"):
+        load_audio(root / "hour.flac", config=DecodeConfig(max_duration_s=60))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 64 * 2**20
 
 
 def _run_shards(settings_kwargs: dict) -> None:
