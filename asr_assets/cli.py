@@ -200,13 +200,24 @@ def _check_output(path: Path, what: str = "--output") -> None:
         raise ConfigError(f"{what} {str(path)!r} is not writable: {exc.strerror or exc}") from exc
 
 
+_INSTANCE_CONFIG = "telemetry:\n  enabled: false\n"
+_INIT_LOCK = ".asr_assets_init.lock"
+
+
 def _dagster_home() -> str:
     """``DAGSTER_HOME`` (default ``./dagster_home``), created with a telemetry-off ``dagster.yaml``
     when new, and exported; checked before dagster is imported.
 
+    Safe when several processes start on one fresh folder at once: ``mkdir`` tolerates the
+    folder appearing, and ``dagster.yaml`` appears whole or not at all (written to a temporary
+    file and hard-linked into place, which fails if another process got there first; an
+    existing file is never overwritten).
+
     Raises:
         ConfigError: the folder or its config cannot be created.
     """
+    from ._fs import remove_stale_tmp, tmp_path_for
+
     home = str(Path(os.environ.get("DAGSTER_HOME") or "dagster_home").resolve())
     config = Path(home) / "dagster.yaml"
     try:
@@ -214,7 +225,18 @@ def _dagster_home() -> str:
             raise NotADirectoryError(20, "is a file, not a folder")
         Path(home).mkdir(parents=True, exist_ok=True)
         if not config.exists():  # a fresh instance: local SQLite storage, no telemetry
-            config.write_text("telemetry:\n  enabled: false\n", encoding="utf-8")
+            remove_stale_tmp(Path(home), prefix=config.name)  # of a process killed right here
+            tmp = tmp_path_for(config)
+            tmp.write_text(_INSTANCE_CONFIG, encoding="utf-8")
+            try:
+                os.link(tmp, config)
+            except FileExistsError:
+                pass  # another process wrote it first: same content, or the user's own
+            except OSError:  # no hard links on this file system: an atomic replace, same content
+                if not config.exists():
+                    os.replace(tmp, config)
+            finally:
+                tmp.unlink(missing_ok=True)
     except OSError as exc:
         raise ConfigError(f"DAGSTER_HOME {home!r} cannot be used: {exc.strerror or exc}") from exc
     os.environ["DAGSTER_HOME"] = home
@@ -222,10 +244,20 @@ def _dagster_home() -> str:
 
 
 def _dagster_instance():
+    """The instance in ``DAGSTER_HOME`` (see :func:`_dagster_home`).
+
+    Dagster creates its SQLite tables when the instance is first opened and fails ("table runs
+    already exists") when two processes do that at once on a fresh folder, so opening is
+    serialized across processes by an ``flock`` on ``DAGSTER_HOME/.asr_assets_init.lock``
+    (released when the storage exists; runs themselves are not serialized).
+    """
     import dagster as dg
 
-    _dagster_home()
-    return dg.DagsterInstance.get()
+    from ._fs import file_lock
+
+    home = _dagster_home()
+    with file_lock(Path(home) / _INIT_LOCK):
+        return dg.DagsterInstance.get()
 
 
 def _manifest_files(settings: Settings) -> list[str]:

@@ -457,6 +457,24 @@ class ShardedParquetFeatureCache:
         self._checked.clear()
 
 
+def tombstone_keys(split_root: str | os.PathLike, shard: int, frontend_hash: str, keys: Sequence[str],
+                   metadata: dict | None = None) -> Path | None:
+    """Write tombstones for ``keys`` of one shard (one new part), under the shard's writer lock.
+
+    Used for payloads that cannot be decoded or hold invalid features: the next feature run
+    sees the keys as missing and computes them again. Returns the part written, or None.
+    """
+    if not keys:
+        return None
+    with shard_lock(split_root, shard, frontend_hash):
+        writer = ShardWriter(split_root, shard, rows_per_part=max(len(keys), 1),
+                             metadata={"frontend_hash": frontend_hash, **(metadata or {})})
+        for key in keys:
+            writer.delete(key)
+        writer.close()
+    return writer.parts_written[0] if writer.parts_written else None
+
+
 def _frontend_hash_of(schema: pa.Schema) -> str | None:
     """The ``frontend_hash`` a part's writer recorded in its metadata (None: not asr_assets)."""
     return (schema.metadata or {}).get(b"frontend_hash", b"").decode() or None

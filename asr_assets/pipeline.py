@@ -114,32 +114,45 @@ def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], N
     """Build ``<output>/record_cache/<split>.jsonl`` from every manifest of ``settings``.
 
     Every manifest row of this split that is not cached (filtered, missing audio, unreadable
-    header, duplicate id) is written to ``<output>/reports/records-<split>.jsonl`` with its
-    manifest, row number, audio source and reason. So is every manifest file that cannot be read
-    or has no usable columns, and every skipped TSV line (``utterance_id`` null, stage
-    ``manifest``); the other manifests are read as usual.
+    header, duplicate id, embedded audio over ``max_blob_mb``) is written to
+    ``<output>/reports/records-<split>.jsonl`` with its manifest, row number, line, audio source
+    and reason; a duplicate also names the row that keeps the id (``duplicate_of``). So is every
+    manifest file that cannot be read, has no usable columns or repeats a column, every skipped
+    TSV line (bad UTF-8, wrong cell count), every folder that cannot be listed (stage
+    ``manifest``) and every file the TSV-wins rule leaves unread (stage ``skipped_manifest``),
+    all with ``utterance_id`` null; the other manifests are read as usual, so no manifest file
+    can stop the build.
 
     Raises:
-        ManifestError: a manifest source is missing or unreadable.
+        ManifestError: a manifest source (a root given in the settings) is missing or cannot be
+            opened.
     """
     start = time.perf_counter()
-    config = RecordConfig(require_readable_audio=settings.require_readable_audio)
+    config = RecordConfig(require_readable_audio=settings.require_readable_audio,
+                          max_audio_file_bytes=settings.max_blob_bytes)
     sources, fixed_split = settings.manifests, None
+    earlier: Iterable[ManifestRow] = ()
     if settings.validation_manifests:  # upstream external validation: no hashing into validation/test
         config = replace(config, val_fraction=0.0, test_fraction=0.0)
         if split == "validation":
             sources, fixed_split = settings.validation_manifests, "validation"
+            # The train manifests come first in discovery order: their ids are taken (ids only,
+            # no audio read; their problems are reported by the train build).
+            earlier = iter_manifest_rows(settings.manifests, source_base=settings.source_base,
+                                         on_error=lambda *_: None, read_audio_bytes=False)
     rejections: list[Rejection] = []
 
     def manifest_failed(manifest: str, rows_read: int, error: Exception) -> None:
-        rejections.append(Rejection(None, split, manifest, manifest, rows_read + 1, None, "manifest", str(error)))
+        rejections.append(Rejection(None, split, manifest, manifest, rows_read + 1, None,
+                                    getattr(error, "stage", "manifest"), str(error), line=getattr(error, "line", None)))
 
     probe = DurationProbe(settings.record_cache_path(split).parent / "probed_durations.parquet")
 
     def accepted() -> Iterable[Record]:
-        rows = iter_manifest_rows(sources, source_base=settings.source_base, on_error=manifest_failed)
+        rows = iter_manifest_rows(sources, source_base=settings.source_base, on_error=manifest_failed,
+                                  max_blob_bytes=settings.max_blob_bytes)
         for item in build_records(rows, config, probe_duration=probe, splits=[split], fixed_split=fixed_split,
-                                  allowed_audio_roots=settings.audio_roots()):
+                                  allowed_audio_roots=settings.audio_roots(), earlier_rows=earlier):
             if isinstance(item, Rejection):
                 rejections.append(item)
             else:
@@ -150,10 +163,14 @@ def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], N
     report = settings.records_report_path(split)
     write_jsonl_report(report, (r.to_report() for r in rejections))
     if log:
-        file_level = sum(1 for r in rejections if r.utterance_id is None)
+        file_level = sum(1 for r in rejections if r.utterance_id is None and r.stage != "skipped_manifest")
+        skipped = sum(1 for r in rejections if r.stage == "skipped_manifest")
+        duplicates = sum(1 for r in rejections if r.duplicate_of is not None)
         problems = f", {file_level} manifest file/line problems" if file_level else ""
+        problems += f", {duplicates} duplicate utterance ids" if duplicates else ""
+        problems += f", {skipped} manifest files not read (TSV wins)" if skipped else ""
         log(f"record_cache[{split}]: {summary.utterances} utterances, {summary.audio_seconds / 3600:.3f} h, "
-            f"{len(rejections) - file_level} rows not cached{problems} (see {report})")
+            f"{len(rejections) - file_level - skipped} rows not cached{problems} (see {report})")
     return RecordCacheResult(split, summary, rejections, str(report), time.perf_counter() - start)
 
 

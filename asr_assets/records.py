@@ -16,6 +16,7 @@ import hashlib
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -38,6 +39,9 @@ class RecordConfig:
     ``require_readable_audio`` (default True, upstream default False) drops rows whose audio is
     neither embedded bytes, an http(s) URL nor an existing local file, so a missing file is
     reported when the record cache is built instead of failing later at feature extraction.
+    ``max_audio_file_bytes`` (default None: no limit; not upstream) drops rows whose local audio
+    file is larger (one ``os.stat``); embedded bytes are limited when the manifest is read
+    (:func:`asr_assets.manifests.iter_manifest_rows`, ``max_blob_bytes``).
     """
 
     seed: int = 13
@@ -55,6 +59,7 @@ class RecordConfig:
     max_words_per_second: float = math.inf
     require_readable_audio: bool = True
     require_audio_bytes: bool = False
+    max_audio_file_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
@@ -95,8 +100,14 @@ class Record:
 
 @dataclass(frozen=True)
 class Rejection:
-    """A manifest row (or, with ``utterance_id`` None, a whole manifest file) that does not
-    become a record: which row, where, and why."""
+    """A manifest row (or, with ``utterance_id`` None, a whole manifest file or one skipped line)
+    that does not become a record: which row, where, and why.
+
+    ``line`` is where the row is in its manifest file (:attr:`ManifestRow.file_row`: the TSV
+    line, the Parquet row index), None for a whole file. ``duplicate_of`` is set on a row
+    rejected because an earlier row has its utterance id: ``{"manifest", "row", "line",
+    "split"}`` of that earlier row, the one that keeps the id.
+    """
 
     utterance_id: str | None
     split: str
@@ -106,12 +117,55 @@ class Rejection:
     audio_source: str | None
     stage: str
     reason: str
+    line: int | None = None
+    duplicate_of: dict | None = None
 
     def to_report(self) -> dict:
-        return {
+        report = {
             "utterance_id": self.utterance_id, "audio_source": self.audio_source, "stage": self.stage,
             "error": self.reason, "split": self.split, "manifest": self.manifest_path, "row": self.row_number,
+            "line": self.line,
         }
+        if self.duplicate_of is not None:
+            report["duplicate_of"] = self.duplicate_of
+        return report
+
+
+def record_key(row: ManifestRow) -> str:
+    """The utterance id a row's record gets (spec §1.7): the ``id`` cell, else the resolved audio
+    path, else the row counter."""
+    return row.utterance_id or row.audio_path or str(row.row_number)
+
+
+class _FirstRows:
+    """Which row first carried each utterance id, in discovery order (a few dozen bytes per id:
+    the manifest path is interned, the rest packed into one int)."""
+
+    _SHIFT = 1 << 40
+
+    def __init__(self) -> None:
+        self.first: dict[str, int] = {}
+        self.manifests: list[str] = []
+        self._manifest_index: dict[str, int] = {}
+
+    def claim(self, utterance_id: str, row: ManifestRow, split: str) -> dict | None:
+        """Record ``row`` as the first with ``utterance_id``, or return the first one's
+        ``{"manifest", "row", "line", "split"}`` if an earlier row has it."""
+        packed = self.first.get(utterance_id)
+        if packed is not None:
+            packed, split_index = divmod(packed, len(SPLITS) + 1)
+            rest, line = divmod(packed, self._SHIFT)
+            manifest, row_number = divmod(rest, self._SHIFT)
+            return {"manifest": self.manifests[manifest], "row": row_number, "line": line,
+                    "split": (*SPLITS, "other")[split_index]}
+        manifest = self._manifest_index.get(row.manifest_path)
+        if manifest is None:
+            manifest = self._manifest_index[row.manifest_path] = len(self.manifests)
+            self.manifests.append(row.manifest_path)
+        split_index = SPLITS.index(split) if split in SPLITS else len(SPLITS)
+        self.first[utterance_id] = ((manifest * self._SHIFT + row.row_number) * self._SHIFT + row.file_row) \
+            * (len(SPLITS) + 1) + split_index
+        return None
 
 
 def normalize_transcript(text: str, *, lowercase: bool = False) -> str:
@@ -149,11 +203,22 @@ def symbol_ratio(text: str) -> float:
     return symbols / len(text)
 
 
-def _audio_readable(row: ManifestRow) -> bool:
+def _local_file_size(path: str | None) -> int | None:
+    """Size of the regular local file at ``path``, or None (no path, a URL, missing, not a file)."""
+    if path is None or path.startswith(("http://", "https://")):
+        return None
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def _audio_readable(row: ManifestRow, local_size: int | None) -> bool:
     if row.audio_bytes:
         return True
     path = row.audio_path
-    return path is not None and (path.startswith(("http://", "https://")) or os.path.isfile(path))
+    return path is not None and (path.startswith(("http://", "https://")) or local_size is not None)
 
 
 def _inside(path: str, roots: Sequence[str]) -> bool:
@@ -194,6 +259,7 @@ def build_records(
     splits: Iterable[str] = SPLITS,
     fixed_split: str | None = None,
     allowed_audio_roots: Sequence[str] | None = None,
+    earlier_rows: Iterable[ManifestRow] = (),
 ) -> Iterator[Record | Rejection]:
     """Turn manifest rows into records of the requested splits, streamed in manifest order.
 
@@ -201,6 +267,13 @@ def build_records(
     (rows of other splits yield nothing), so a caller can report every row that is not cached.
     The split is decided from ``speaker_id or utterance_id`` before filtering, so a rejected row
     is reported by exactly one split.
+
+    **One utterance id, one record.** The first row with an utterance id, in discovery order
+    over *all* rows (every split; ``earlier_rows`` first), owns the id; every later row with it
+    is rejected as a duplicate (stage ``manifest``, ``duplicate_of`` naming the first row's
+    manifest, row, line and split), whatever its split and even when the first row is itself
+    rejected by a filter. So each split build, run on its own, agrees with the others on who
+    owns an id, and features (keyed by utterance id) never get two transcripts.
 
     Args:
         rows: from :func:`asr_assets.manifests.iter_manifest_rows`.
@@ -216,26 +289,45 @@ def build_records(
             collapsed) inside one of these folders, and URLs are refused; other rows are rejected
             as "outside allowed roots" (hostile or mistaken manifests cannot make the pipeline read
             ``/etc/passwd`` or a network share).
+        earlier_rows: rows that come before ``rows`` in discovery order and only claim their
+            utterance ids (split by hash with ``config``, never ``fixed_split``); nothing is
+            yielded for them. With external validation sources, the train manifests' rows.
 
-    Filters run in upstream order: transcript, audio source, duration, duration bounds,
-    transcript length, symbol ratio, alphanumeric, alignment bounds. A second row with an
-    utterance id already seen is rejected as a duplicate (features are keyed by utterance id).
+    Filters run in upstream order after the duplicate check: transcript, audio source (a row
+    whose embedded audio is unusable — ``audio_error`` — needs a readable local file), duration,
+    duration bounds, transcript length, symbol ratio, alphanumeric, alignment bounds; local audio
+    files over ``config.max_audio_file_bytes`` are rejected with the audio source checks.
     """
     wanted = set(splits)
-    seen_ids: set[str] = set()
+    first_rows = _FirstRows()
+    for row in earlier_rows:
+        key = record_key(row)
+        first_rows.claim(key, row, assign_split(row.speaker_id or key, config))
     roots = [os.path.realpath(r) for r in allowed_audio_roots] if allowed_audio_roots is not None else None
     for row in rows:
-        utterance_id = row.utterance_id or row.audio_path or str(row.row_number)
+        utterance_id = record_key(row)
         split = fixed_split or assign_split(row.speaker_id or utterance_id, config)
+        first = first_rows.claim(utterance_id, row, split)
         if split not in wanted:
             continue
-        audio_source = row.audio_path if row.audio_path is not None else ("<embedded bytes>" if row.audio_bytes else None)
+        embedded = row.audio_bytes or row.audio_error
+        audio_source = row.audio_path if row.audio_path is not None else ("<embedded bytes>" if embedded else None)
 
-        reject = functools.partial(Rejection, utterance_id, split, row.source, row.manifest_path, row.row_number, audio_source)
+        reject = functools.partial(Rejection, utterance_id, split, row.source, row.manifest_path, row.row_number,
+                                   audio_source, line=row.file_row)
+        if first is not None:
+            yield reject("manifest", f"duplicate utterance_id {utterance_id!r}", duplicate_of=first)
+            continue
 
         transcript = normalize_transcript(row.transcript, lowercase=config.lowercase) if row.transcript else ""
         if not transcript:
-            yield reject("manifest", "no transcript")
+            yield reject("manifest", row.transcript_error or "no transcript")
+            continue
+        local_size = _local_file_size(row.audio_path)
+        if row.audio_error and local_size is None:
+            # The embedded audio is unusable (over the blob limit, wrongly typed); a readable local
+            # file at audio.path would have been used instead of the bytes anyway (spec §1.5).
+            yield reject("manifest", row.audio_error)
             continue
         if row.audio_path is None and not row.audio_bytes:
             yield reject("manifest", "no audio source (neither path nor embedded bytes)")
@@ -246,8 +338,13 @@ def build_records(
         if config.require_audio_bytes and not row.audio_bytes:
             yield reject("manifest", "no embedded audio bytes (require_audio_bytes)")
             continue
-        if config.require_readable_audio and not _audio_readable(row):
+        if config.require_readable_audio and not _audio_readable(row, local_size):
             yield reject("manifest", f"audio file not found: {row.audio_path}")
+            continue
+        limit = config.max_audio_file_bytes
+        if limit is not None and local_size is not None and local_size > limit:
+            yield reject("manifest", f"audio file is {local_size / 2**20:.2f} MiB ({local_size:,} bytes), over the "
+                                     f"{limit / 2**20:.4g} MiB limit (max_blob_mb)")
             continue
         duration = row.duration_s
         if row.duration_error:
@@ -271,8 +368,4 @@ def build_records(
         if reason is not None:
             yield reject("filter", reason)
             continue
-        if utterance_id in seen_ids:
-            yield reject("manifest", f"duplicate utterance_id {utterance_id!r}")
-            continue
-        seen_ids.add(utterance_id)
         yield Record(utterance_id, split, transcript, row.audio_path, row.audio_bytes, row.speaker_id, duration, row.source)

@@ -17,6 +17,7 @@ variable                   meaning                                             d
 ``ASR_ASSETS_CONFINE_AUDIO`` ``1``: audio paths must stay inside the roots       off
 ``ASR_ASSETS_PLUGINS``     comma list of modules that register frontends       none
 ``ASR_ASSETS_FRONTEND_OVERRIDES`` JSON ``{"squeezeformer": {"n_fft": 512}}``    none
+``ASR_ASSETS_MAX_BLOB_MB`` largest embedded audio blob / local audio file, MiB    ``100``
 =========================  ==================================================  ===========================
 
 Output layout under ``output``::
@@ -76,6 +77,10 @@ class Settings:
         confine_audio_paths: accept only audio paths inside ``allowed_audio_roots`` (default: the
             manifest roots; a manifest file's root is its folder); the rest is reported.
         allowed_audio_roots: folders audio may come from when ``confine_audio_paths`` is set.
+        max_blob_mb: largest audio a record may have, in MiB (2**20 bytes): an embedded blob
+            (Parquet ``audio.bytes``) over it is refused from its length, before it is read into
+            memory, and a local audio file over it is refused from its size; both are reported
+            per row. None or ``inf``: no limit.
     """
 
     manifests: tuple[str, ...] = field(default_factory=lambda: tuple(bundled_sample_manifests()))
@@ -95,6 +100,7 @@ class Settings:
     require_readable_audio: bool = True
     confine_audio_paths: bool = False
     allowed_audio_roots: tuple[str, ...] = ()
+    max_blob_mb: float | None = 100.0
 
     def __post_init__(self) -> None:
         if not self.manifests:
@@ -105,6 +111,8 @@ class Settings:
             raise ConfigError(f"num_shards must be in [1, 100], got {self.num_shards!r}")
         if self.workers < 0 or self.rows_per_part < 1:
             raise ConfigError("workers must be >= 0 and rows_per_part >= 1")
+        if self.max_blob_mb is not None and not self.max_blob_mb > 0:
+            raise ConfigError(f"max_blob_mb must be > 0 MiB (or None / inf for no limit), got {self.max_blob_mb!r}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -131,6 +139,11 @@ class Settings:
                 values["workers"] = int(env["ASR_ASSETS_WORKERS"])
             except ValueError as exc:
                 raise ConfigError(f"ASR_ASSETS_WORKERS must be an integer, got {env['ASR_ASSETS_WORKERS']!r}") from exc
+        if env.get("ASR_ASSETS_MAX_BLOB_MB"):
+            try:
+                values["max_blob_mb"] = float(env["ASR_ASSETS_MAX_BLOB_MB"])
+            except ValueError as exc:
+                raise ConfigError(f"ASR_ASSETS_MAX_BLOB_MB must be a number of MiB, got {env['ASR_ASSETS_MAX_BLOB_MB']!r}") from exc
         values.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -185,6 +198,13 @@ class Settings:
             return self.allowed_audio_roots
         roots = (*self.manifests, *self.validation_manifests)
         return tuple(str(Path(r).resolve() if Path(r).is_dir() else Path(r).resolve().parent) for r in roots)
+
+    @property
+    def max_blob_bytes(self) -> int | None:
+        """:attr:`max_blob_mb` in bytes, or None for no limit."""
+        if self.max_blob_mb is None or self.max_blob_mb == float("inf"):
+            return None
+        return int(self.max_blob_mb * 2**20)
 
     @property
     def effective_workers(self) -> int:

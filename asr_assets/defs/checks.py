@@ -20,7 +20,7 @@ import dagster as dg
 import numpy as np
 
 from asr_assets.extraction import plan_shard_tasks
-from asr_assets.feature_cache import CacheCorruptError, ShardedParquetFeatureCache
+from asr_assets.feature_cache import CacheCorruptError, ShardedParquetFeatureCache, tombstone_keys
 from asr_assets.frontends import Frontend
 from asr_assets.record_cache import RecordStore, record_store_is_valid
 
@@ -71,7 +71,9 @@ def record_cache_consistent(context: dg.AssetCheckExecutionContext, asr_config: 
 
 def build_feature_check(frontend: Frontend, asset: dg.AssetsDefinition) -> dg.AssetChecksDefinition:
     """Check of ``<frontend>_features``: each record of the shard has features (finite,
-    ``[frames>0, feature_dim]``) or a line in the shard's failure report."""
+    ``[frames>0, feature_dim]``) or a line in the shard's failure report. A payload that
+    cannot be decoded or holds invalid features fails the check and is tombstoned, so the next
+    run of the partition computes it again."""
     frontend_name = frontend.name
 
     @dg.asset_check(asset=asset, name=FEATURES_COMPLETE, blocking=True,
@@ -82,7 +84,7 @@ def build_feature_check(frontend: Frontend, asset: dg.AssetsDefinition) -> dg.As
         for key in _partition_keys(context):
             split, shard = parse_feature_partition_key(key)
             by_split[split].append(shard)
-        checked, unaccounted, bad = 0, [], []
+        checked, unaccounted, bad, tombstoned = 0, [], [], 0
         for split, shards in by_split.items():
             store = RecordStore(settings.record_cache_path(split))
             cache = ShardedParquetFeatureCache(settings.feature_split_root(split))
@@ -92,23 +94,31 @@ def build_feature_check(frontend: Frontend, asset: dg.AssetsDefinition) -> dg.As
                 failed = set()
                 if report.exists():
                     failed = {json.loads(line)["utterance_id"] for line in report.read_text(encoding="utf-8").splitlines() if line}
+                invalid_keys = []
                 for task in tasks:
                     checked += 1
                     try:
                         feats = cache.load_key(task.key)
                     except CacheCorruptError as exc:
                         bad.append(f"{task.utterance_id}: {exc}")
+                        invalid_keys.append(task.key)
                         continue
                     if feats is None:
                         if task.utterance_id not in failed:
                             unaccounted.append(task.utterance_id)
                     elif feats.shape[0] == 0 or feats.shape[1] != frontend.feature_dim or not np.isfinite(feats).all():
                         bad.append(f"{task.utterance_id}: shape {feats.shape}, finite={bool(np.isfinite(feats).all())}")
+                        invalid_keys.append(task.key)
+                # tombstoned, so the next run of this partition computes them again
+                tombstone_keys(settings.feature_split_root(split), shard, frontend.frontend_hash(), invalid_keys,
+                               metadata={"frontend": frontend_name, "reason": "invalid payload found by check"})
+                tombstoned += len(invalid_keys)
         return dg.AssetCheckResult(
             passed=not unaccounted and not bad, severity=dg.AssetCheckSeverity.ERROR,
             metadata={"partitions": dg.MetadataValue.json(_partition_keys(context)), "records_checked": checked,
                       "missing_without_report": dg.MetadataValue.json(unaccounted[:20]),
-                      "invalid_features": dg.MetadataValue.json(bad[:20])},
+                      "invalid_features": dg.MetadataValue.json(bad[:20]),
+                      "tombstoned_for_recompute": tombstoned},
         )
 
     return _check

@@ -10,7 +10,7 @@ from asr_assets.settings import Settings
 RESOURCE_FIELDS = (
     "manifests", "output", "source_base", "validation_manifests", "workers", "ffmpeg_fallback", "max_decode_s",
     "duration_tolerance", "fail_fast", "require_readable_audio", "rows_per_part", "confine_audio_paths",
-    "allowed_audio_roots",
+    "allowed_audio_roots", "max_blob_mb",
 )
 
 
@@ -36,6 +36,7 @@ class AsrAssetsConfig(dg.ConfigurableResource):
     rows_per_part: int = 256
     confine_audio_paths: bool = False
     allowed_audio_roots: List[str] = []
+    max_blob_mb: Optional[float] = 100.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "AsrAssetsConfig":

@@ -4,6 +4,12 @@ cache; the feature assets follow through their eager automation condition, evalu
 
 The cursor is one digest per manifest root (``{root: sha256}``), never a file list, and a tick
 only stats files (no manifest is read), so it stays fast with thousands of manifest files.
+
+A tick never fails on the file system: a root that is missing or cannot be opened (vanished,
+symlink loop, permission denied) is named in the skip message and the log, and no run is
+requested until it is back (a rebuild would fail, or drop its rows); folders or files below a
+root that cannot be listed are logged as warnings and named in the observation's metadata, and
+the rest of the root is watched as usual.
 """
 
 import hashlib
@@ -23,6 +29,18 @@ def manifests_version(digests: dict) -> str:
     return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _fingerprint(root: str) -> dict:
+    """:func:`manifest_fingerprint`, with any unexpected error turned into an unreadable root."""
+    try:
+        return manifest_fingerprint(root)
+    except Exception as exc:  # noqa: BLE001 - a tick must not crash on one root
+        return {"digest": "unreadable", "files": 0, "bytes": 0, "problems": [f"{root}: {type(exc).__name__}: {exc}"]}
+
+
+def _shorten(items: list[str], limit: int = 5) -> str:
+    return "; ".join(items[:limit]) + (f"; ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
 @dg.sensor(
     name="manifest_sensor",
     target=dg.AssetSelection.assets(record_cache),
@@ -32,12 +50,25 @@ def manifests_version(digests: dict) -> str:
 )
 def manifest_sensor(context: dg.SensorEvaluationContext, asr_config: AsrAssetsConfig) -> dg.SensorResult:
     settings = asr_config.settings()
-    roots = [*settings.manifests, *settings.validation_manifests]
-    fingerprints = {root: manifest_fingerprint(root) for root in roots}
+    roots = list(dict.fromkeys([*settings.manifests, *settings.validation_manifests]))
+    fingerprints = {root: _fingerprint(root) for root in roots}
     digests = {root: fp["digest"] for root, fp in fingerprints.items()}
-    previous = json.loads(context.cursor) if context.cursor else {}
+    try:
+        previous = json.loads(context.cursor) if context.cursor else {}
+    except ValueError:
+        previous = {}
+    unusable = [p for fp in fingerprints.values() if fp["digest"] in ("missing", "unreadable") for p in fp.get("problems", [])]
+    partly = [p for fp in fingerprints.values() if fp["digest"] not in ("missing", "unreadable") for p in fp.get("problems", [])]
+    if partly:
+        context.log.warning(f"manifest entries that cannot be read (their rows are reported by record_cache): {_shorten(partly)}")
+    if unusable:
+        message = f"manifest roots that cannot be read, nothing requested until they are back: {_shorten(unusable)}"
+        context.log.warning(message)
+        return dg.SensorResult(skip_reason=dg.SkipReason(message))
     if digests == previous:
-        return dg.SensorResult(skip_reason=dg.SkipReason(f"no new, changed or removed manifests in {len(roots)} roots"))
+        unread = f"; {len(partly)} entries unreadable: {_shorten(partly, 3)}" if partly else ""
+        return dg.SensorResult(skip_reason=dg.SkipReason(
+            f"no new, changed or removed manifests in {len(roots)} roots{unread}"))
     changed = sorted(r for r in set(digests) | set(previous) if digests.get(r) != previous.get(r))
     version = manifests_version(digests)
     context.log.info(f"manifests changed in {changed}; requesting record_cache for {list(SPLITS)} (version {version})")
