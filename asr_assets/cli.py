@@ -46,6 +46,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see '{self.prog} --help')\n")
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -137,6 +147,10 @@ def _parser() -> argparse.ArgumentParser:
     mat.add_argument("--confine-audio", action="append", nargs="?", const="", metavar="DIR",
                      help="refuse audio outside the manifest roots (or outside DIR; repeatable) and report it")
     mat.add_argument("--fail-fast", action="store_true", help="fail the run on the first utterance that cannot be featurized")
+    mat.add_argument("--utterance-timeout", type=_positive_seconds, metavar="SECONDS",
+                     help="wall-clock floor per utterance (decode + features); a worker past its limit, "
+                          "max(SECONDS, 10 s per audio second), is killed and the utterance reported as "
+                          "'timeout' (default: $ASR_ASSETS_UTTERANCE_TIMEOUT_S or 60)")
     fe = sub.add_parser("frontends", help="list the registered frontends with their feature dim and cache hash")
     comp = sub.add_parser("compact", help="merge each shard's parts into one (newest row per key, tombstones dropped)")
     comp.add_argument("--output", metavar="DIR", help="output root (default: $ASR_ASSETS_OUTPUT or artifacts/)")
@@ -164,6 +178,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         ffmpeg_fallback=False if args.no_ffmpeg_fallback else None, fail_fast=True if args.fail_fast else None,
         confine_audio_paths=True if args.confine_audio else None,
         allowed_audio_roots=tuple(d for d in (args.confine_audio or []) if d) or None,
+        utterance_timeout_s=args.utterance_timeout,
     )
     if overrides:
         settings = settings.with_(frontend_overrides={name: overrides for name in settings.frontends})

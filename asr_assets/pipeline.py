@@ -199,7 +199,8 @@ def build_feature_shards(
     config = ExtractionConfig(
         workers=settings.effective_workers, rows_per_part=settings.rows_per_part, num_shards=settings.num_shards,
         ffmpeg_fallback=settings.ffmpeg_fallback, max_decode_s=settings.max_decode_s, fail_fast=settings.fail_fast,
-        duration_tolerance=settings.duration_tolerance,
+        duration_tolerance=settings.duration_tolerance, utterance_timeout_s=settings.utterance_timeout_s,
+        timeout_per_audio_s=settings.timeout_per_audio_s,
     )
     last = [time.monotonic()]
 
@@ -214,7 +215,8 @@ def build_feature_shards(
         if shard_stats.failures:
             write_jsonl_report(report, (
                 {"utterance_id": f.utterance_id, "audio_source": f.audio_source, "stage": f.stage, "error": f.error,
-                 "split": split, "shard": shard, "frontend": frontend_name} for f in shard_stats.failures))
+                 "split": split, "shard": shard, "frontend": frontend_name,
+                 **({"limit_s": f.limit_s} if f.limit_s is not None else {})} for f in shard_stats.failures))
         elif report.exists():
             report.unlink()  # every earlier failure of this shard has features now
     return stats

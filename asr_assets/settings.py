@@ -81,6 +81,11 @@ class Settings:
             (Parquet ``audio.bytes``) over it is refused from its length, before it is read into
             memory, and a local audio file over it is refused from its size; both are reported
             per row. None or ``inf``: no limit.
+        utterance_timeout_s: wall-clock floor of each utterance's decode + features, seconds;
+            a worker that overruns its limit is killed and replaced and the utterance is reported
+            with stage ``timeout``. None: no limit.
+        timeout_per_audio_s: seconds allowed per second of audio above the floor (the limit is
+            ``max(utterance_timeout_s, timeout_per_audio_s * min(duration, max_decode_s))``).
     """
 
     manifests: tuple[str, ...] = field(default_factory=lambda: tuple(bundled_sample_manifests()))
@@ -101,6 +106,8 @@ class Settings:
     confine_audio_paths: bool = False
     allowed_audio_roots: tuple[str, ...] = ()
     max_blob_mb: float | None = 100.0
+    utterance_timeout_s: float | None = 60.0
+    timeout_per_audio_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.manifests:
@@ -144,6 +151,15 @@ class Settings:
                 values["max_blob_mb"] = float(env["ASR_ASSETS_MAX_BLOB_MB"])
             except ValueError as exc:
                 raise ConfigError(f"ASR_ASSETS_MAX_BLOB_MB must be a number of MiB, got {env['ASR_ASSETS_MAX_BLOB_MB']!r}") from exc
+        for var, name in (("ASR_ASSETS_UTTERANCE_TIMEOUT_S", "utterance_timeout_s"),
+                          ("ASR_ASSETS_TIMEOUT_PER_AUDIO_S", "timeout_per_audio_s")):
+            if env.get(var):
+                try:
+                    values[name] = float(env[var])
+                except ValueError as exc:
+                    raise ConfigError(f"{var} must be a number of seconds, got {env[var]!r}") from exc
+        if values.get("utterance_timeout_s") == float("inf"):
+            values["utterance_timeout_s"] = None
         values.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -325,3 +325,27 @@ def test_a_killed_fork_server_costs_no_utterance(tmp_path, reference):
     assert not _alive(int(marker.read_text()))
     assert (stats.computed, stats.failures) == (12, [])  # the utterances in flight were run again
     assert _payloads(root) == reference
+
+
+def test_time_limit_settings_reach_the_extractor(tmp_path, monkeypatch):
+    """--utterance-timeout / ASR_ASSETS_TIMEOUT_PER_AUDIO_S end in the ExtractionConfig of a run,
+    and a FIFO in a manifest never reaches a decoder (it is not a regular file: row reported)."""
+    import json
+
+    from asr_assets import pipeline
+    from asr_assets.cli import main as cli_main
+
+    root = _corpus(tmp_path / "corpus", "hang", copies=1)
+    (root / "hang.wav").unlink()
+    os.mkfifo(root / "hang.wav")
+    seen = []
+    real = pipeline.extract_shards
+    monkeypatch.setattr(pipeline, "extract_shards", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    monkeypatch.setenv("ASR_ASSETS_TIMEOUT_PER_AUDIO_S", "7.5")
+    out = tmp_path / "out"
+    assert cli_main(["materialize", "--manifests", str(root), "--output", str(out), "--workers", "1",
+                     "--utterance-timeout", "2.5"]) == 0
+    assert seen and all(c.utterance_timeout_s == 2.5 and c.timeout_per_audio_s == 7.5 for c in seen)
+    rows = [json.loads(line) for line in (out / "reports" / "records-train.jsonl").read_text().splitlines()]
+    assert [r["utterance_id"] for r in rows] == ["hang"]
+    assert len(RecordStore(out / "record_cache" / "train.jsonl")) == len(GOOD)

@@ -10,7 +10,7 @@ from asr_assets.settings import Settings
 RESOURCE_FIELDS = (
     "manifests", "output", "source_base", "validation_manifests", "workers", "ffmpeg_fallback", "max_decode_s",
     "duration_tolerance", "fail_fast", "require_readable_audio", "rows_per_part", "confine_audio_paths",
-    "allowed_audio_roots", "max_blob_mb",
+    "allowed_audio_roots", "max_blob_mb", "utterance_timeout_s", "timeout_per_audio_s",
 )
 
 
@@ -37,6 +37,8 @@ class AsrAssetsConfig(dg.ConfigurableResource):
     confine_audio_paths: bool = False
     allowed_audio_roots: List[str] = []
     max_blob_mb: Optional[float] = 100.0
+    utterance_timeout_s: Optional[float] = 60.0
+    timeout_per_audio_s: float = 10.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "AsrAssetsConfig":
