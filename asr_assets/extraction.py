@@ -524,7 +524,7 @@ class _WorkerPool:
     def __init__(self, state: tuple):
         self.state = state
         self.context = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload(["asr_assets.extraction", "av"])
+        self.context.set_forkserver_preload(["asr_assets.extraction", "av", "scipy.fft", "scipy.linalg.blas"])
         self._lifeline_r, self._lifeline_w = self.context.Pipe(duplex=False)
         self.workers: list[_Worker] = []
         self.started_any = False  # has any worker of this pool ever become ready?

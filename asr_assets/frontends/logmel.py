@@ -23,7 +23,6 @@ import threading
 from typing import Any, Sequence
 
 import numpy as np
-import scipy.fft
 
 from asr_assets.errors import FeatureConfigError
 
@@ -49,10 +48,16 @@ STD_FLOOR = 1e-5
 #: Elements per row group of :func:`_rows_op` (rows of the feature matrix tiled to ~this size).
 _TILE_ELEMS = 8192
 
-try:  # scipy's pocketfft binding (the function behind scipy.fft.rfft), which accepts ``out``
-    from scipy.fft._pocketfft.pypocketfft import r2c as _R2C
-except ImportError:  # pragma: no cover - other scipy layouts: public API, one copy more
-    _R2C = None
+@functools.lru_cache(maxsize=1)
+def _r2c():
+    """scipy's pocketfft binding (the function behind ``scipy.fft.rfft``), which accepts
+    ``out``; None on other scipy layouts (then the public API, one copy more). Imported on
+    first use: scipy.fft costs ~0.3 s to import, which ``asr-assets frontends`` need not pay."""
+    try:
+        from scipy.fft._pocketfft.pypocketfft import r2c
+    except ImportError:  # pragma: no cover
+        return None
+    return r2c
 
 #: Lower clamp of ``max|x|`` in signal normalization (upstream ``clamp_min(1e-6)``).
 PEAK_FLOOR = 1e-6
@@ -332,8 +337,11 @@ def _rfft_rows(frames: np.ndarray, out: np.ndarray) -> np.ndarray:
     utterances). scipy's pocketfft binding takes ``out``; the public function is the fallback.
     Rows are transformed independently (a row gives the same bits alone or in a block).
     """
-    if _R2C is not None:
-        return _R2C(frames, (1,), True, 0, out, 1)
+    r2c = _r2c()
+    if r2c is not None:
+        return r2c(frames, (1,), True, 0, out, 1)
+    import scipy.fft
+
     np.copyto(out, scipy.fft.rfft(frames, axis=1, workers=1))
     return out
 

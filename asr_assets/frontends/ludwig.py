@@ -53,7 +53,6 @@ import math
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
-import scipy.fft
 
 from asr_assets.errors import FeatureConfigError
 
@@ -236,6 +235,8 @@ def ludwig_features(x: np.ndarray, cfg: LudwigConfig) -> np.ndarray:
     wl, ws, nfft = cfg.window_samples, cfg.shift_samples, int(cfg.num_fft_points)  # type: ignore[arg-type]
     bins = nfft // 2 + 1
     frames = _frames(y, wl, ws, zero_mean=cfg.feature_type == "fbank")
+    import scipy.fft  # imported on first use (~0.3 s), not by `asr-assets frontends`
+
     spec = scipy.fft.rfft(frames * _window(cfg.window_type, wl, False), n=nfft, axis=1)[:, :bins]
     if cfg.feature_type == "stft":
         return np.abs(spec)

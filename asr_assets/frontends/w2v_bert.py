@@ -29,7 +29,6 @@ import functools
 from typing import Any, Sequence
 
 import numpy as np
-from scipy.linalg.blas import dger as _blas_dger
 
 from asr_assets.errors import FeatureConfigError
 
@@ -211,6 +210,8 @@ def fbank_batch(signals: Sequence[np.ndarray], num_mels: int = 80, sample_rate: 
         One ``float32 (num_frames, num_mels)`` natural-log mel power (int16-scaled audio)
         per utterance; ``num_frames = num_fbank_frames(num_samples)``.
     """
+    from scipy.linalg.blas import dger as _blas_dger  # imported on first use, not by `asr-assets frontends`
+
     window, window512, bands = _tables(num_mels, sample_rate)
     xs = [np.ascontiguousarray(x, dtype=np.float32) for x in signals]
     counts = [num_fbank_frames(x.shape[0]) for x in xs]
