@@ -5,6 +5,7 @@
                            [--confine-audio [DIR]] [--no-ffmpeg-fallback] [--fail-fast]
     asr-assets frontends
     asr-assets compact [--output DIR] [--frontend NAME]... [--split SPLIT]...
+    asr-assets export [--output DIR] --split SPLIT [--frontend NAME] --backend NAME --to DIR
 
 ``materialize`` runs the whole graph through Dagster against the instance in ``DAGSTER_HOME``
 (default ``./dagster_home``): one run per split of ``record_cache``, then one run per split
@@ -121,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="asr-assets", description="Record and feature caches for ASR training.")
     debug_help = "on an error, print the traceback too (default: one line on stderr)"
     parser.add_argument("--debug", action="store_true", help=debug_help)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{materialize,frontends,compact}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{materialize,frontends,compact,export}")
     mat = sub.add_parser("materialize", help="materialize the whole graph (record cache, then feature shards)")
     mat.add_argument("--manifests", action="append", metavar="PATH",
                      help="manifest file or folder; repeatable (default: $ASR_ASSETS_MANIFESTS or the bundled sample)")
@@ -157,7 +158,16 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--frontend", action="append", metavar="NAME",
                       help="only this frontend; repeatable (default: every frontend found in the parts)")
     comp.add_argument("--split", action="append", choices=SPLITS, help="split; repeatable (default: all)")
-    for command in (mat, fe, comp):  # --debug also after the command name
+    exp = sub.add_parser("export", help="write one frontend's features of a split into another store backend "
+                                        "(numpy_memmap, hdf5), in record order, atomically")
+    exp.add_argument("--output", metavar="DIR", help="output root holding feature-cache/ and record_cache/ "
+                                                     "(default: $ASR_ASSETS_OUTPUT or artifacts/)")
+    exp.add_argument("--split", required=True, choices=SPLITS, help="split to export")
+    exp.add_argument("--frontend", metavar="NAME", default="squeezeformer",
+                     help="frontend whose features to export, a name or a hash12 (default: squeezeformer)")
+    exp.add_argument("--backend", required=True, metavar="NAME", help="storage backend: numpy_memmap or hdf5")
+    exp.add_argument("--to", required=True, metavar="DIR", help="the new store's folder (must not exist, or be empty)")
+    for command in (mat, fe, comp, exp):  # --debug also after the command name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
 
@@ -297,21 +307,45 @@ def materialize(settings: Settings) -> int:
     import contextlib
     import warnings
 
+    from .pipeline import feature_shards_with_work, record_cache_is_up_to_date
+    from .record_cache import RecordStore
+
     _dagster_home()
+    print(f"asr-assets: manifests {list(settings.manifests)} -> {settings.output_path} "
+          f"(frontends {', '.join(settings.frontends)}; DAGSTER_HOME={os.environ['DAGSTER_HOME']})", flush=True)
+
+    def shards_with_work() -> dict[str, list[int]]:
+        busy = {}
+        for split in SPLITS:
+            shards = sorted({s for name in settings.frontends for s in feature_shards_with_work(settings, name, split)})
+            if shards:
+                busy[split] = shards
+        return busy
+
+    # Skip conditions, checked before Dagster is even imported: a split whose record cache is up
+    # to date, and a split whose shards have nothing to compute, start no run; a no-op over an
+    # unchanged corpus reads no manifest, writes no file and records no run.
+    stale = [split for split in SPLITS if not record_cache_is_up_to_date(settings, split)]
+    if not stale and not any(len(RecordStore(settings.record_cache_path(s))) for s in SPLITS):
+        _print_summary(settings)
+        raise ManifestError(_no_records_message(settings))
+    if not stale and not shards_with_work():
+        print("asr-assets: up to date (manifests, settings and code unchanged; every record has its "
+              "features or a reported failure): no run started", flush=True)
+        _print_summary(settings)
+        return 0
+
     import dagster as dg
 
     from .definitions import build_definitions
     from .defs.assets import feature_asset_name
     from .defs.jobs import FEATURES_JOB, RECORD_CACHE_JOB, run_tags
-    from .defs.partitions import NUM_SHARDS, feature_partition_key
-    from .record_cache import RecordStore
+    from .defs.partitions import feature_partition_key
 
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
     instance = _dagster_instance()
     defs = build_definitions(settings)
-    print(f"asr-assets: manifests {list(settings.manifests)} -> {settings.output_path} "
-          f"(frontends {', '.join(settings.frontends)}; DAGSTER_HOME={os.environ['DAGSTER_HOME']})", flush=True)
 
     def run(job_name: str, start: str, end: str, what: str, tags: dict[str, str]) -> bool:
         one = start == end  # a single partition: per-partition data version and check history
@@ -331,15 +365,18 @@ def materialize(settings: Settings) -> int:
         return result.success
 
     ok = all([run(RECORD_CACHE_JOB, split, split, f"record_cache[{split}]", run_tags("record_cache", split))
-              for split in SPLITS])
+              for split in stale])
     if ok and not any(len(RecordStore(settings.record_cache_path(s))) for s in SPLITS):
         _print_summary(settings)
         raise ManifestError(_no_records_message(settings))
+    busy: dict[str, list[int]] = {}
     if ok:
-        for split in SPLITS:
-            assets = ",".join(feature_asset_name(name) for name in settings.frontends)
-            ok = run(FEATURES_JOB, feature_partition_key(split, 0), feature_partition_key(split, NUM_SHARDS - 1),
-                     f"features of {split}", run_tags(assets, split, shards=f"00-{NUM_SHARDS - 1:02d}")) and ok
+        busy = shards_with_work()
+        assets = ",".join(feature_asset_name(name) for name in settings.frontends)
+        for split, shards in busy.items():  # one run per split over the range of shards with work
+            lo, hi = shards[0], shards[-1]
+            ok = run(FEATURES_JOB, feature_partition_key(split, lo), feature_partition_key(split, hi),
+                     f"features of {split}", run_tags(assets, split, shards=f"{lo:02d}-{hi:02d}")) and ok
     _print_summary(settings)
     return 0 if ok else 1
 
@@ -415,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
             return frontends(args)
         if args.command == "compact":
             return compact(args)
+        if args.command == "export":
+            return export(args)
         try:
             settings = _settings(args)
         except ValueError as exc:  # a bad value deep in a config (FeatureConfigError, ConfigError are ValueErrors too)
@@ -448,6 +487,48 @@ def compact(args: argparse.Namespace) -> int:
         for frontend_hash, totals in compact_split(settings.feature_split_root(split), hashes).items():
             print(f"{split} [{frontend_hash}]: parts {totals['parts_before']} -> {totals['parts_after']}, "
                   f"rows {totals['rows_before']} -> {totals['rows_after']}, tombstones dropped {totals['tombstones_dropped']}")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    """``asr-assets export``: the features of one split and frontend as a ``--backend`` store.
+
+    Reads ``<output>/feature-cache/<split>`` for the utterances of ``<output>/record_cache/<split>.jsonl``
+    (in record order), skips records without features and prints one summary line.
+
+    Raises:
+        AsrAssetsError: a missing cache, an unknown frontend or backend, a ``--to`` that is a
+            file or a folder that is not empty.
+    """
+    settings = Settings.from_env(output=args.output)
+    from .stores import available_stores, export_feature_store
+
+    frontend = args.frontend
+    if not re.fullmatch(r"[0-9a-f]{12}", frontend):
+        frontend = settings.frontend(frontend)  # UnknownFrontendError with "did you mean"
+    if args.backend not in available_stores(writable=True):
+        raise ConfigError(f"unknown --backend {args.backend!r}; available: {', '.join(available_stores(writable=True))}")
+    split_root, records = settings.feature_split_root(args.split), settings.record_cache_path(args.split)
+    if not (split_root / "feature_shards").is_dir():
+        raise ConfigError(f"no feature cache at {str(split_root)!r}: run asr-assets materialize --output "
+                          f"{str(settings.output_path)!r} first")
+    if not records.is_file():
+        raise ConfigError(f"no record cache at {str(records)!r}: run asr-assets materialize --output "
+                          f"{str(settings.output_path)!r} first")
+    from .stores.sharded_parquet import frontends_in_parts
+
+    cached = frontends_in_parts(split_root)  # every part names its frontend: refuse one that is not there
+    wanted = frontend if isinstance(frontend, str) else frontend.frontend_hash()
+    if cached and None not in cached and wanted not in cached:
+        held = ", ".join(f"{m['frontend'] or '?'} ({h})" for h, m in sorted(cached.items()))
+        raise ConfigError(f"the feature cache {str(split_root)!r} holds no features of {args.frontend!r} ({wanted}); "
+                          f"it holds: {held}")
+    summary = export_feature_store(split_root, args.to, backend=args.backend, frontend=frontend, record_cache=records)
+    plural = lambda n, word: f"{n} {word}" + ("" if n == 1 else "s")  # noqa: E731
+    what = f"{summary.frontend} {summary.frontend_hash}" if summary.frontend else summary.frontend_hash
+    print(f"{args.split} [{what}] -> {summary.path} "
+          f"({summary.storage_type}): {plural(summary.written, 'utterance')} written, {summary.missing} without "
+          f"features (skipped), {summary.nbytes / 1e6:.1f} MB, {summary.seconds:.2f} s")
     return 0
 
 

@@ -257,6 +257,23 @@ def plan_shard_tasks(store: RecordStore, frontend_hash: str, shards: Iterable[in
     return plan
 
 
+def shards_with_work(store: RecordStore, split_root: str | os.PathLike, frontend_hash: str, num_shards: int,
+                     known_failed: set[str] | frozenset = frozenset()) -> list[int]:
+    """Shards in which :func:`extract_shards` would compute or tombstone something: a record
+    whose key is not cached (and not in ``known_failed``, utterance ids that failed before), or a
+    key this frontend cached for a record that is gone. Reads the record store and each shard's
+    index (part footers), no payload."""
+    plan = plan_shard_tasks(store, frontend_hash, range(num_shards), num_shards)
+    reader = ShardedParquetFeatureCache(split_root, num_shards)
+    busy = []
+    for shard, tasks in plan.items():
+        present = reader.keys(shard, frontend_hash=frontend_hash)
+        wanted = {task.key for task in tasks}
+        if present - wanted or any(t.key not in present and t.utterance_id not in known_failed for t in tasks):
+            busy.append(shard)
+    return busy
+
+
 def extract_shards(
     store: RecordStore,
     split_root: str | os.PathLike,

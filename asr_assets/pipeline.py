@@ -101,13 +101,84 @@ class DurationProbe:
 
 @dataclass
 class RecordCacheResult:
-    """Outcome of :func:`build_record_cache`."""
+    """Outcome of :func:`build_record_cache`; ``up_to_date``: nothing changed, nothing written."""
 
     split: str
     summary: WriteSummary
     rejections: list[Rejection] = field(default_factory=list)
     report_path: str = ""
     seconds: float = 0.0
+    up_to_date: bool = False
+
+
+#: Bump when the record-building code changes what a manifest row becomes: every split is then
+#: rebuilt once although its inputs did not change.
+RECORD_CACHE_CODE_VERSION = "2"
+#: Settings that decide the records (the rest — workers, frontends, ... — do not).
+_RECORD_SETTINGS = ("manifests", "validation_manifests", "source_base", "require_readable_audio",
+                    "confine_audio_paths", "allowed_audio_roots", "max_blob_mb")
+
+
+def record_cache_inputs(settings: Settings, split: str) -> dict | None:
+    """What one split's record cache is a function of: the code version, the record settings and a
+    stat-only fingerprint of every manifest source (:func:`~asr_assets.manifests.manifest_fingerprint`:
+    path, size and mtime of each manifest file; nothing is opened). None when a source is missing
+    or unreadable (then the build runs and reports it). Audio files are not fingerprinted: one
+    deleted without a manifest change is reported by the feature step when it fails to decode."""
+    from .manifests import manifest_fingerprint
+
+    prints = []
+    for source in (*settings.manifests, *settings.validation_manifests):
+        digest = manifest_fingerprint(source)["digest"]
+        if digest in ("missing", "unreadable"):
+            return None
+        prints.append(digest)
+    values = {k: getattr(settings, k) for k in _RECORD_SETTINGS}
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    values["allowed_audio_roots"] = [str(r) for r in settings.audio_roots()] if settings.confine_audio_paths else []
+    return {"code_version": RECORD_CACHE_CODE_VERSION, "split": split, "settings": values, "manifests": prints}
+
+
+def _inputs_path(settings: Settings, split: str) -> Path:
+    return settings.record_cache_path(split).with_suffix(".inputs.json")
+
+
+def _up_to_date(settings: Settings, split: str, inputs: dict | None) -> RecordCacheResult | None:
+    """The stored result of the last build of ``split`` if its inputs are ``inputs`` and its files
+    are intact, else None."""
+    from .record_cache import record_store_is_valid
+
+    path, report = settings.record_cache_path(split), settings.records_report_path(split)
+    try:
+        state = json.loads(_inputs_path(settings, split).read_text(encoding="utf-8"))
+        if inputs is None or state.get("inputs") != inputs or not report.is_file():
+            return None
+        if path.stat().st_size != state["summary"]["jsonl_bytes"]:
+            return None
+        if path.stat().st_size and not record_store_is_valid(path):
+            return None
+        rejections = [Rejection.from_report(json.loads(line))
+                      for line in report.read_text(encoding="utf-8").splitlines() if line]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    samples = RecordStore(path).sidecars["num_samples"]  # sidecar only: the JSONL is not parsed
+    durations = (samples / 16000.0).tolist() if samples is not None else []
+    summary = WriteSummary(str(path), state["summary"]["utterances"], state["summary"]["audio_seconds"],
+                           state["summary"]["blobs"], durations, state["summary"]["sha256"])
+    return RecordCacheResult(split, summary, rejections, str(report), 0.0, up_to_date=True)
+
+
+def _save_inputs(settings: Settings, split: str, inputs: dict | None, summary: WriteSummary) -> None:
+    from ._fs import atomic_write_bytes
+
+    target = _inputs_path(settings, split)
+    if inputs is None:
+        target.unlink(missing_ok=True)
+        return
+    state = {"inputs": inputs, "summary": {
+        "utterances": summary.utterances, "audio_seconds": summary.audio_seconds, "blobs": summary.blobs,
+        "sha256": summary.sha256, "jsonl_bytes": settings.record_cache_path(split).stat().st_size}}
+    atomic_write_bytes(target, json.dumps(state, indent=1, sort_keys=True).encode("utf-8"))
 
 
 def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], None] | None = None) -> RecordCacheResult:
@@ -123,11 +194,22 @@ def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], N
     all with ``utterance_id`` null; the other manifests are read as usual, so no manifest file
     can stop the build.
 
+    A split whose inputs (:func:`record_cache_inputs`) are those of its last complete build is
+    not rebuilt: nothing is read or written and the result says ``up_to_date``.
+
     Raises:
         ManifestError: a manifest source (a root given in the settings) is missing or cannot be
             opened.
     """
     start = time.perf_counter()
+    inputs = record_cache_inputs(settings, split)
+    unchanged = _up_to_date(settings, split, inputs)
+    if unchanged is not None:
+        unchanged.seconds = time.perf_counter() - start
+        if log:
+            log(f"record_cache[{split}]: up to date ({unchanged.summary.utterances} utterances; manifests, "
+                f"settings and code unchanged since the last build): nothing rewritten")
+        return unchanged
     config = RecordConfig(require_readable_audio=settings.require_readable_audio,
                           max_audio_file_bytes=settings.max_blob_bytes)
     sources, fixed_split = settings.manifests, None
@@ -162,6 +244,7 @@ def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], N
     probe.save()
     report = settings.records_report_path(split)
     write_jsonl_report(report, (r.to_report() for r in rejections))
+    _save_inputs(settings, split, inputs, summary)  # last: the record of a complete build
     if log:
         file_level = sum(1 for r in rejections if r.utterance_id is None and r.stage != "skipped_manifest")
         skipped = sum(1 for r in rejections if r.stage == "skipped_manifest")
@@ -172,6 +255,31 @@ def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], N
         log(f"record_cache[{split}]: {summary.utterances} utterances, {summary.audio_seconds / 3600:.3f} h, "
             f"{len(rejections) - file_level - skipped} rows not cached{problems} (see {report})")
     return RecordCacheResult(split, summary, rejections, str(report), time.perf_counter() - start)
+
+
+def record_cache_is_up_to_date(settings: Settings, split: str) -> bool:
+    """Would :func:`build_record_cache` find ``split`` up to date (inputs unchanged, files intact)?"""
+    return _up_to_date(settings, split, record_cache_inputs(settings, split)) is not None
+
+
+def feature_shards_with_work(settings: Settings, frontend: str | Frontend, split: str) -> list[int]:
+    """Shards of ``split`` where :func:`build_feature_shards` has something to compute or
+    tombstone; utterances already in a shard's failure report do not count (a run of their
+    shard retries them). Reads the record store, part footers and reports, no payload."""
+    from .extraction import shards_with_work
+    from .record_cache import record_store_is_valid
+
+    fe = settings.frontend(frontend) if isinstance(frontend, str) else frontend
+    path = settings.record_cache_path(split)
+    if not path.is_file() or (path.stat().st_size and not record_store_is_valid(path)):
+        return []
+    failed: set[str] = set()
+    for shard in range(settings.num_shards):
+        report = settings.features_report_path(fe.name, split, shard)
+        if report.is_file():
+            failed.update(json.loads(line)["utterance_id"] for line in report.read_text(encoding="utf-8").splitlines() if line)
+    return shards_with_work(RecordStore(path), settings.feature_split_root(split), fe.frontend_hash(),
+                            settings.num_shards, failed)
 
 
 def build_feature_shards(

@@ -120,6 +120,13 @@ class Rejection:
     line: int | None = None
     duplicate_of: dict | None = None
 
+    @classmethod
+    def from_report(cls, report: dict) -> "Rejection":
+        """Inverse of :meth:`to_report` (for a split found up to date)."""
+        return cls(report["utterance_id"], report["split"], report["manifest"], report["manifest"], report["row"],
+                   report["audio_source"], report["stage"], report["error"], report.get("line"),
+                   report.get("duplicate_of"))
+
     def to_report(self) -> dict:
         report = {
             "utterance_id": self.utterance_id, "audio_source": self.audio_source, "stage": self.stage,

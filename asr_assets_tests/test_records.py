@@ -184,3 +184,41 @@ def test_ragged_tsv_rows_are_skipped_and_reported(tmp_path):
                       "line 4 skipped: expected 4 cells, got 2: 'u3\\ta.wav'"]
     with pytest.raises(ManifestError):
         list(iter_manifest_rows([tmp_path / "m.tsv"]))
+
+
+def test_unchanged_inputs_rewrite_nothing_and_changes_rebuild(tmp_path, monkeypatch):
+    """A split whose manifests (stat fingerprint), record settings and code version are those of
+    its last build is reported up to date without reading a manifest or writing a file."""
+    import shutil
+
+    from asr_assets import pipeline
+    from asr_assets.pipeline import build_record_cache
+    from asr_assets.settings import Settings, bundled_sample_manifests
+
+    src = bundled_sample_manifests()[1]
+    shutil.copytree(src, tmp_path / "cv")
+    settings = Settings(manifests=(str(tmp_path / "cv"),), output=str(tmp_path / "out"))
+    first = build_record_cache(settings, "train")
+    assert not first.up_to_date and first.summary.utterances > 0
+    files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    monkeypatch.setattr(pipeline, "iter_manifest_rows", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
+    again = build_record_cache(settings, "train")
+    assert again.up_to_date and again.summary.sha256 == first.summary.sha256
+    assert again.summary.utterances == first.summary.utterances
+    assert len(again.summary.durations_s) == first.summary.utterances
+    assert [r.to_report() for r in again.rejections] == [r.to_report() for r in first.rejections]
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == files  # nothing rewritten
+    monkeypatch.undo()
+    # a changed manifest, a changed record setting, a new code version: rebuilt
+    manifest = tmp_path / "cv" / "manifest.tsv"
+    manifest.write_text(manifest.read_text(encoding="utf-8").rsplit("\n", 2)[0] + "\n", encoding="utf-8")
+    dropped = build_record_cache(settings, "train")
+    assert not dropped.up_to_date and dropped.summary.utterances <= first.summary.utterances
+    assert build_record_cache(settings, "train").up_to_date
+    assert not build_record_cache(settings.with_(require_readable_audio=False), "train").up_to_date
+    monkeypatch.setattr(pipeline, "RECORD_CACHE_CODE_VERSION", "test-bump")
+    assert not build_record_cache(settings, "train").up_to_date
+    # a damaged JSONL is never reported up to date
+    jsonl = settings.record_cache_path("train")
+    jsonl.write_bytes(jsonl.read_bytes()[:-5])
+    assert not build_record_cache(settings, "train").up_to_date

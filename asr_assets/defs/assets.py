@@ -76,6 +76,7 @@ def record_cache(context: dg.AssetExecutionContext, asr_config: AsrAssetsConfig)
             "duration_histogram": dg.MetadataValue.md(_duration_histogram(result.summary.durations_s)),
             "manifests": dg.MetadataValue.json(list(settings.manifests)),
             "seconds": round(result.seconds, 2),
+            "up_to_date": result.up_to_date,
             "sha256": result.summary.sha256,
         }
         if len(context.partition_keys) == 1:
