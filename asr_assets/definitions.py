@@ -56,6 +56,9 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         jobs=list(graph.jobs),
         sensors=list(graph.sensors),
         resources=graph.resources,
+        # Steps run in the run's process: a feature step already fans out to its own worker
+        # pool, and a step subprocess cost seconds of start-up per step.
+        executor=dg.in_process_executor,
     )
 
 
