@@ -8,7 +8,10 @@ One run writes the same float32 ``[frames, 80]`` arrays (frames drawn like 2-15 
 three ways: the sharded Parquet cache (64 shards, parts of ``--rows-per-part`` rows, as the
 extractor writes them), an HDF5 file with one dataset per utterance (SpeechBrain/lhotse style),
 and one flat float32 file read through ``np.memmap`` with an offsets index. It then times
-``--loads`` loads of shuffled utterance ids (the same order for every reader):
+``--loads`` loads of shuffled utterance ids (the same order for every reader). The Parquet cache
+is also exported (``asr_assets.stores.export_feature_store``) to a ``numpy_memmap`` and an
+``hdf5`` store, read through ``open_feature_store`` like the training side does; a bare
+``np.memmap`` slice without the copy is the yardstick of the store's read-only views:
 
 * *warm*: the reader has already indexed its shards and opened its files;
 * *cold*: a fresh reader object (the OS page cache is warm: this measures our own start-up,
@@ -33,6 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asr_assets.feature_cache import ShardedParquetFeatureCache, ShardWriter, cache_key, shard_index  # noqa: E402
+from asr_assets.stores import export_feature_store, open_feature_store  # noqa: E402
 
 HASH = "0a48384efcf3"  # squeezeformer
 
@@ -71,6 +75,10 @@ def main() -> None:
                 offsets[u] = (pos, arrays[u].shape[0])
                 fh.write(arrays[u].tobytes())
                 pos += arrays[u].size
+        exports = {}
+        for backend in ("numpy_memmap", "hdf5"):  # asr-assets export, from the Parquet cache just written
+            exports[backend] = export_feature_store(root / "parquet", root / backend, backend=backend, frontend=HASH,
+                                                    utterance_ids=ids)
         order = ids[:]
         random.Random(1).shuffle(order)
         order = order[: args.loads]
@@ -101,8 +109,27 @@ def main() -> None:
                 start, frames = offsets[u]
                 np.array(flat[start:start + frames * 80]).reshape(frames, 80)
 
+        def memmap_view():
+            for u in order:
+                start, frames = offsets[u]
+                flat[start:start + frames * 80].reshape(frames, 80)
+
+        stores = {"numpy_memmap store, read-only view": open_feature_store(root / "numpy_memmap"),
+                  "numpy_memmap store, copy=True": open_feature_store(root / "numpy_memmap", copy=True),
+                  "hdf5 store": open_feature_store(root / "hdf5")}
+        for store in stores.values():  # warm: index loaded, files open
+            store.load(order[0])
+
+        def store_reader(store):
+            def read():
+                for u in order:
+                    store.load(u)
+            return read
+
         runs = {"sharded_parquet warm": parquet_warm, "sharded_parquet cold": parquet_cold,
-                "h5py (dataset per utterance)": h5py_read, "np.memmap (flat file)": memmap_read}
+                "h5py (dataset per utterance)": h5py_read, "np.memmap (flat file)": memmap_read,
+                "np.memmap (flat file), view, no copy": memmap_view,
+                **{name: store_reader(store) for name, store in stores.items()}}
         best = {name: float("inf") for name in runs}
         for _ in range(3):  # interleaved rounds, best of 3
             for name, fn in runs.items():
@@ -119,7 +146,15 @@ def main() -> None:
         for name, seconds in best.items():
             print(f"| {name} | {len(order) / seconds:,.0f} | {mb / seconds:,.0f} | "
                   f"{best['h5py (dataset per utterance)'] / seconds:.2f}x |")
+        print(f"\nexport (asr_assets.stores.export_feature_store from the Parquet cache): " + ", ".join(
+            f"{b} {e.seconds:.2f} s ({sum(p.stat().st_size for p in e.path.iterdir()) / 1e6:.0f} MB)"
+            for b, e in exports.items()))
+        view, copy = best["numpy_memmap store, read-only view"], best["numpy_memmap store, copy=True"]
+        print(f"numpy_memmap store vs bare np.memmap: copy={copy and best['np.memmap (flat file)'] / copy:.2f}x, "
+              f"view={best['np.memmap (flat file), view, no copy'] / view:.2f}x (goal >= 0.5x)")
         h5.close()
+        for store in stores.values():
+            store.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
