@@ -470,3 +470,47 @@ def test_materialize_with_every_hostile_manifest_exits_0(tmp_path, capsys, monke
     assert "over the 0.25 MiB limit (max_blob_mb)" in errors[("blob_big", "a.parquet")]  # through the Dagster resource
     assert errors[("str_bytes", "b.parquet")].startswith("audio.bytes is typed string, not binary")
     assert "manifest problem:" in captured.out
+
+
+def test_live_playlist_silent_server_and_fifo_cost_one_report_each(tmp_path):
+    """A run over good clips plus a live HLS playlist named .wav, a URL to a server that accepts
+    and never answers, and a FIFO: each hostile row is one report, every good clip is featurized,
+    exit 0, well within the time limits (nothing waits for the server or the FIFO)."""
+    import socket
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    accepted = []
+    threading.Thread(target=lambda: [accepted.append(server.accept()) for _ in range(4)], daemon=True).start()
+    port = server.getsockname()[1]
+    root = _good_manifest(tmp_path / "corpus").parent
+    (root / "live.wav").write_text("#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:0\n"
+                                   "#EXTINF:2.0,\nseg0.ts\n", encoding="utf-8")  # no ENDLIST: live
+    os.mkfifo(root / "fifo.wav")
+    with open(root / "hostile.tsv", "w", encoding="utf-8") as fh:
+        fh.write(HEADER)
+        fh.write(f"live\t{root / 'live.wav'}\ta live playlist\t2.0\tspk9\n")
+        fh.write(f"silent\thttp://127.0.0.1:{port}/x.wav\ta silent server\t2.0\tspk9\n")
+        fh.write(f"fifo\t{root / 'fifo.wav'}\ta fifo\t2.0\tspk9\n")
+    out = tmp_path / "out"
+    start = time.monotonic()
+    assert cli_main(["materialize", "--manifests", str(root), "--output", str(out), "--workers", "2"]) == 0
+    assert time.monotonic() - start < 120
+    server.close()
+    reports = [json.loads(line) for p in out.joinpath("reports").rglob("*.jsonl")
+               for line in p.read_text(encoding="utf-8").splitlines()]
+    by_id = {r["utterance_id"]: r for r in reports if r["utterance_id"]}
+    assert set(by_id) == {"live", "silent", "fifo"}
+    assert "playlist" in by_id["live"]["error"].lower()
+    featurized = {r["utterance_id"] for s in SPLITS for r in RecordStore(out / "record_cache" / f"{s}.jsonl")}
+    assert {u for u, *_ in GOOD} <= featurized
+    from asr_assets import ShardedParquetFeatureCache
+
+    for split in SPLITS:
+        cache = ShardedParquetFeatureCache(out / "feature-cache" / split)
+        for record in RecordStore(out / "record_cache" / f"{split}.jsonl"):
+            if record["utterance_id"] in {u for u, *_ in GOOD}:
+                assert cache.load(record["utterance_id"]) is not None
