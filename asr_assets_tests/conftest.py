@@ -40,3 +40,14 @@ def _isolated_env(monkeypatch, tmp_path):
     for var in ("ASR_ASSETS_MANIFESTS", "ASR_ASSETS_OUTPUT", "ASR_ASSETS_FRONTENDS", "ASR_ASSETS_WORKERS"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+
+
+@pytest.fixture
+def no_subprocess(monkeypatch):
+    """Fail loudly if anything tries to spawn a process (e.g. an ffmpeg executable)."""
+    import subprocess
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"subprocess spawned: {args!r}")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)

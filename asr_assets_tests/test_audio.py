@@ -19,7 +19,6 @@ import csv
 import io
 import math
 import struct
-import subprocess
 import time
 import tracemalloc
 from pathlib import Path
@@ -58,13 +57,8 @@ assert sorted(FORMAT_DURATIONS) == FORMAT_FILES, "formats/manifest.tsv and forma
 
 
 @pytest.fixture(autouse=True)
-def _no_subprocess(monkeypatch):
-    """Fail loudly if anything tries to spawn a process (e.g. an ffmpeg executable)."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"subprocess spawned: {args!r}")
-
-    monkeypatch.setattr(subprocess, "Popen", refuse)
+def _no_subprocess(no_subprocess):
+    """Every test here: fail loudly if anything spawns a process (e.g. an ffmpeg executable)."""
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import http.server
 import socket
 import struct
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -56,13 +55,8 @@ HANG_LIMIT_S = 30.0  # a regression that hangs fails after this long
 
 
 @pytest.fixture(autouse=True)
-def _no_subprocess(monkeypatch):
-    """Fail loudly if anything tries to spawn a process (e.g. an ffmpeg executable)."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"subprocess spawned: {args!r}")
-
-    monkeypatch.setattr(subprocess, "Popen", refuse)
+def _no_subprocess(no_subprocess):
+    """Every test here: fail loudly if anything spawns a process (e.g. an ffmpeg executable)."""
 
 
 @pytest.fixture(scope="module")
