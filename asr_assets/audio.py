@@ -54,6 +54,11 @@ Decoded length, not a header's claim, is the truth:
     * Chained Ogg (links one after another, ``cat a.ogg b.ogg``; libsndfile decodes only the
       first): each link is decoded on its own and the links are concatenated when they share a
       sample rate; otherwise the file is refused with the rates. The duration cap counts all links.
+    * Opus in Matroska/WebM through PyAV: the OpusHead pre-skip is dropped from the start, not
+      the track's CodecDelay when the two disagree (files muxed by FFmpeg 5.1 or older with
+      libopus from 8-24 kHz input; FFmpeg 8 alone would keep 156-260 samples of encoder delay),
+      as the ffmpeg 5.1 tool does. Otherwise PyAV output already has the ffmpeg tool's samples
+      and alignment, including its limits (docs/decoders.md).
     * Streams below :data:`MIN_SAMPLE_RATE` are refused with their rate.
 
 Partial data policy: when a local stream is damaged part-way (truncated FLAC "lost sync",
@@ -760,6 +765,50 @@ def _pyav_container(source: _Local, config: DecodeConfig):
             fh.close()
 
 
+_SKIP_SAMPLES = "skip_samples"  # AV_PKT_DATA_SKIP_SAMPLES: u32le start skip, u32le end discard
+
+
+def _matroska_opus_pre_skip(container, stream) -> int | None:
+    """The OpusHead pre-skip (48 kHz samples) of an Opus track in Matroska/WebM, else None.
+
+    A Matroska Opus track states its start twice: the OpusHead pre-skip in CodecPrivate
+    (RFC 7845 section 5.1) and the track's CodecDelay (RFC 9559), which should be equal.
+    FFmpeg's Matroska muxer up to libavformat 59.30 wrote CodecDelay in the encoder's input rate
+    (16 kHz input: 104 samples for a pre-skip of 312). libavformat 62 (FFmpeg 8, PyAV 18) puts
+    CodecDelay on the first packet as skip_samples side data, which replaces the decoder's own
+    pre-skip; the ffmpeg 5.1 command-line tool skips the pre-skip, which is exactly the delay
+    the encoder added (see docs/decoders.md).
+    """
+    if "matroska" not in (container.format.name or "").split(","):
+        return None
+    cc = stream.codec_context
+    if (cc.name or "") not in ("opus", "libopus"):
+        return None
+    head = bytes(cc.extradata or b"")
+    if len(head) < 19 or not head.startswith(b"OpusHead"):
+        return None
+    return int.from_bytes(head[10:12], "little")
+
+
+def _apply_pre_skip(packet, pre_skip: int) -> None:
+    """Make the first packet's start skip the OpusHead pre-skip (its end discard is kept).
+
+    Without skip_samples side data the decoder skips its own pre-skip already; with it, the side
+    data's start skip replaces it (libavcodec ``decode.c``), so that field is set to the pre-skip.
+    Needs PyAV's packet side-data API (``Packet.has_sidedata``, PyAV 18 has it); without it the
+    packet is left as the demuxer made it.
+    """
+    if not hasattr(packet, "has_sidedata") or not packet.has_sidedata(_SKIP_SAMPLES):
+        return
+    side = packet.get_sidedata(_SKIP_SAMPLES)
+    data = bytearray(bytes(side))
+    if len(data) < 10 or int.from_bytes(data[0:4], "little") == pre_skip:
+        return
+    data[0:4] = pre_skip.to_bytes(4, "little")
+    side.update(bytes(data))
+    packet.set_sidedata(side)  # av_packet_add_side_data replaces side data of the same type
+
+
 def _decode_pyav(source: _Local, config: DecodeConfig) -> _Decoded:
     import av
 
@@ -773,18 +822,25 @@ def _decode_pyav(source: _Local, config: DecodeConfig) -> _Decoded:
         total = 0
         limit = None
         damaged = False
+        pre_skip = _matroska_opus_pre_skip(container, stream)
+        first_packet = True
         try:
-            for frame in container.decode(stream):
-                if frame.samples == 0:
-                    continue
-                if not blocks:
-                    sample_rate = int(frame.sample_rate or sample_rate)
-                    _check_rate_channels(sample_rate, len(frame.layout.channels))
-                    limit = _max_frames(sample_rate, config.max_duration_s)
-                blocks.append(_frame_to_mono(frame))
-                total += frame.samples
-                if limit is not None and total > limit:
-                    raise _TooLong(f"longer than max_duration_s={config.max_duration_s} s")
+            for packet in container.demux(stream):  # what container.decode(stream) does, per packet
+                if first_packet and packet.size:
+                    first_packet = False
+                    if pre_skip is not None:
+                        _apply_pre_skip(packet, pre_skip)
+                for frame in packet.decode():
+                    if frame.samples == 0:
+                        continue
+                    if not blocks:
+                        sample_rate = int(frame.sample_rate or sample_rate)
+                        _check_rate_channels(sample_rate, len(frame.layout.channels))
+                        limit = _max_frames(sample_rate, config.max_duration_s)
+                    blocks.append(_frame_to_mono(frame))
+                    total += frame.samples
+                    if limit is not None and total > limit:
+                        raise _TooLong(f"longer than max_duration_s={config.max_duration_s} s")
         except av.error.PatchWelcomeError as exc:
             if total and "ogg" in (container.format.name or "").split(","):
                 raise _Fatal(f"the Ogg stream changes its codec parameters after {total} samples "
