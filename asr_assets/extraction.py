@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import heapq
+import logging
 import math
 import multiprocessing
 import os
@@ -68,7 +69,10 @@ from .audio import DecodeConfig, load_audio
 from .errors import AsrAssetsError, ConfigError
 from .feature_cache import ShardWriter, ShardedParquetFeatureCache, cache_key, encode_payload, shard_dir, shard_index, shard_lock
 from .frontends import Frontend
+from .logs import configure_worker, trace, worker_config
 from .record_cache import RecordStore
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -194,11 +198,13 @@ class _Task:
 _STATE: dict = {}
 
 
-def _init_worker(frontend: Frontend, decode_config: DecodeConfig, duration_tolerance: float | None) -> None:
+def _init_worker(frontend: Frontend, decode_config: DecodeConfig, duration_tolerance: float | None,
+                 log_levels: dict | None = None) -> None:
     # One BLAS/OpenMP thread per worker: the pool already uses every core. numpy is imported
     # (fork-server preload), so environment variables would do nothing; threadpoolctl sets the
     # loaded libraries themselves (numpy's and scipy's OpenBLAS alike).
     threadpoolctl.threadpool_limits(limits=1)
+    configure_worker(log_levels)  # the main process's log levels (asr_assets.logs), if it set any
     _STATE.update(frontend=frontend, decode=decode_config, duration_tolerance=duration_tolerance)
 
 
@@ -210,8 +216,16 @@ def _featurize(task: _Task) -> tuple:
     return (*result, time.perf_counter() - start, peak_mib)
 
 
+def _label(source) -> str:
+    """A source for log lines: ``path:<path>`` or ``bytes:<length>`` (upstream's labels)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"bytes:{len(source)}"
+    return f"path:{source}" if source is not None else "none"
+
+
 def _featurize_timed(task: _Task) -> tuple[bytes | None, float, int, str | None, str | None]:
     frontend: Frontend = _STATE["frontend"]
+    start = time.perf_counter()
     if task.source is None:
         return None, 0.0, 0, "decode", "record has neither audio_path nor audio_blob_path"
     try:
@@ -221,6 +235,10 @@ def _featurize_timed(task: _Task) -> tuple[bytes | None, float, int, str | None,
     except Exception as exc:  # a decoder bug on hostile input must not stop the run
         return None, 0.0, 0, "decode", f"{type(exc).__name__}: {exc}"
     seconds = len(samples) / frontend.sample_rate
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("decoded utterance_id=%s source=%s samples=%d at sample_rate=%d (decode + resample %.1f ms)",
+                     task.utterance_id, _label(task.source), len(samples), frontend.sample_rate,
+                     1e3 * (time.perf_counter() - start))
     tolerance = _STATE.get("duration_tolerance")
     if tolerance is not None and task.expected_samples:
         expected = task.expected_samples * frontend.sample_rate / 16000
@@ -240,6 +258,8 @@ def _featurize_timed(task: _Task) -> tuple[bytes | None, float, int, str | None,
         return None, seconds, 0, "featurize", f"implausible feature shape {features.shape} (want [frames>0, {frontend.feature_dim}])"
     if not np.isfinite(features).all():
         return None, seconds, 0, "featurize", f"{int((~np.isfinite(features)).sum())} non-finite feature values"
+    logger.debug("computed %s features utterance_id=%s frames=%d dim=%d (%.1f ms in all)", frontend.name,
+                 task.utterance_id, features.shape[0], features.shape[1], 1e3 * (time.perf_counter() - start))
     return encode_payload(features), seconds, int(features.shape[0]), None, None
 
 
@@ -329,6 +349,11 @@ def _extract_locked(plan, split_root, frontend: Frontend, fhash: str, config: Ex
                 todo.append(task)
     metadata = {"frontend": frontend.name, "frontend_hash": fhash, "config_repr": frontend.config_repr(),
                 "feature_dim": frontend.feature_dim, "sample_rate_hz": frontend.sample_rate}
+    if logger.isEnabledFor(logging.DEBUG):
+        for shard in plan:
+            logger.debug("%s shard %02d of %s: %d records, %d to compute, %d already cached, %d to tombstone",
+                         frontend.name, shard, split_root, stats[shard].records,
+                         stats[shard].records - stats[shard].skipped, stats[shard].skipped, len(orphans[shard]))
     writers = {s: ShardWriter(split_root, s, rows_per_part=config.rows_per_part, metadata=metadata) for s in plan}
     for shard, keys in orphans.items():
         for key in keys:
@@ -341,7 +366,7 @@ def _extract_locked(plan, split_root, frontend: Frontend, fhash: str, config: Ex
     for shard, count in remaining.items():
         if count == 0:
             writers[shard].close()  # tombstones only (or nothing): commit now
-    results = _run(todo, (frontend, decode, config.duration_tolerance), config.workers, config)
+    results = _run(todo, (frontend, decode, config.duration_tolerance, worker_config()), config.workers, config)
     try:
         for done, (task, result) in enumerate(results, start=1):
             payload, seconds, frames, stage, error, busy, peak_mib = result
@@ -353,9 +378,13 @@ def _extract_locked(plan, split_root, frontend: Frontend, fhash: str, config: Ex
                                   config.time_limit_s(task.expected_samples) if stage == "timeout" else None)
                 if config.fail_fast:
                     raise AsrAssetsError(f"utterance {task.utterance_id!r} ({task.source}): {failure.stage}: {failure.error}")
+                trace(logger, "utterance_id=%s shard=%02d failed (%s): %s", task.utterance_id, task.shard,
+                      failure.stage, failure.error)
                 shard_stats.failed += 1
                 shard_stats.failures.append(failure)
             else:
+                trace(logger, "utterance_id=%s shard=%02d source=%s frames=%d audio=%.2f s", task.utterance_id,
+                      task.shard, _label(task.source), frames, seconds)
                 writers[task.shard].add_payload(task.key, payload)
                 shard_stats.computed += 1
                 shard_stats.audio_seconds += seconds
@@ -672,11 +701,14 @@ def _run(tasks: list[_Task], state: tuple, workers: int, config: ExtractionConfi
     """
     if workers <= 1 and config.utterance_timeout_s is None:
         _STATE.update(frontend=state[0], decode=state[1], duration_tolerance=state[2])
+        logger.debug("featurizing %d utterances in this process (workers=1, no time limit)", len(tasks))
         for task in tasks:
             yield task, _featurize(task)
         return
     if not tasks:
         return
+    logger.debug("featurizing %d utterances in up to %d worker processes", len(tasks),
+                 min(max(1, workers), len(tasks)))
     with _WorkerPool(state) as pool:
         yield from _schedule(pool, tasks, max(1, workers), config)
 

@@ -20,6 +20,7 @@ key-value metadata saying how it was written (format, frontend, hash, config rep
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import struct
@@ -34,6 +35,8 @@ import pyarrow.parquet as pq
 
 from ._fs import file_lock, fsync_file, tmp_suffix
 from .errors import CacheCorruptError
+
+logger = logging.getLogger(__name__)
 
 #: How parts are laid out for random reads (the columns and their meaning stay spec §3's):
 #: one row per row group, so reading one utterance reads and decodes one utterance's pages, and
@@ -195,6 +198,8 @@ class ShardWriter:
         table = pa.table({"key": list(keys), "payload": list(payloads), "deleted": list(deleted)}, schema=SCHEMA)
         table = table.replace_schema_metadata({k: str(v) for k, v in self.metadata.items()})
         path = _write_part(self.directory, table)
+        logger.debug("flushed cache shard=%s rows=%d tombstones=%d path=%s", self.directory.name.rpartition("_")[2],
+                     len(keys), sum(deleted), path)
         self._pending.clear()
         self.parts_written.append(path)
         return path

@@ -2,6 +2,7 @@
 
 Entry points:
     - :func:`build_record_cache` — manifests -> ``record_cache/<split>.jsonl`` + report.
+    - :func:`record_config` — the record filters, split and caps of some settings.
     - :func:`build_feature_shards` — record cache -> feature shards of one frontend + reports.
     - :func:`write_jsonl_report` — atomic JSONL report writer.
 
@@ -17,7 +18,10 @@ Example (no Dagster)::
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -31,10 +35,13 @@ from ._fs import tmp_path_for
 from .audio import probe_duration
 from .extraction import ExtractionConfig, ShardStats, extract_shards
 from .frontends import Frontend
+from .logs import trace
 from .manifests import ManifestRow, iter_manifest_rows
 from .record_cache import RecordStore, WriteSummary, write_record_cache
 from .records import Record, RecordConfig, Rejection, build_records
 from .settings import Settings
+
+logger = logging.getLogger(__name__)
 
 
 def write_jsonl_report(path: str | os.PathLike, rows: Iterable[dict]) -> int:
@@ -136,6 +143,8 @@ def record_cache_inputs(settings: Settings, split: str) -> dict | None:
     values = {k: getattr(settings, k) for k in _RECORD_SETTINGS}
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
     values["allowed_audio_roots"] = [str(r) for r in settings.audio_roots()] if settings.confine_audio_paths else []
+    if settings.record_options:  # only when set: caches built without them stay up to date
+        values["record_options"] = json.loads(json.dumps(dict(settings.record_options), sort_keys=True))
     return {"code_version": RECORD_CACHE_CODE_VERSION, "split": split, "settings": values, "manifests": prints}
 
 
@@ -181,7 +190,27 @@ def _save_inputs(settings: Settings, split: str, inputs: dict | None, summary: W
     atomic_write_bytes(target, json.dumps(state, indent=1, sort_keys=True).encode("utf-8"))
 
 
-def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], None] | None = None) -> RecordCacheResult:
+def record_config(settings: Settings) -> tuple[RecordConfig, dict[str, int]]:
+    """The :class:`RecordConfig` of ``settings`` (its ``record_options`` applied) and the
+    per-split record caps (``record_options["max_records"]``).
+
+    Raises:
+        ConfigError: an unknown option or a value RecordConfig refuses.
+    """
+    from .errors import ConfigError
+
+    options = dict(settings.record_options)
+    caps = {str(k): int(v) for k, v in (options.pop("max_records", None) or {}).items() if v is not None}
+    try:
+        config = RecordConfig(require_readable_audio=settings.require_readable_audio,
+                              max_audio_file_bytes=settings.max_blob_bytes, **options)
+    except TypeError as exc:
+        raise ConfigError(f"record_options: {exc}") from None
+    return config, caps
+
+
+def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], None] | None = None,
+                       progress_interval: int = 1000, progress_level: int = logging.DEBUG) -> RecordCacheResult:
     """Build ``<output>/record_cache/<split>.jsonl`` from every manifest of ``settings``.
 
     Every manifest row of this split that is not cached (filtered, missing audio, unreadable
@@ -197,6 +226,9 @@ def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], N
     A split whose inputs (:func:`record_cache_inputs`) are those of its last complete build is
     not rebuilt: nothing is read or written and the result says ``up_to_date``.
 
+    Every ``progress_interval`` manifest rows (0: never) a progress line is logged at
+    ``progress_level`` (logger ``asr_assets.pipeline``); at trace level, one line per row.
+
     Raises:
         ManifestError: a manifest source (a root given in the settings) is missing or cannot be
             opened.
@@ -210,8 +242,7 @@ def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], N
             log(f"record_cache[{split}]: up to date ({unchanged.summary.utterances} utterances; manifests, "
                 f"settings and code unchanged since the last build): nothing rewritten")
         return unchanged
-    config = RecordConfig(require_readable_audio=settings.require_readable_audio,
-                          max_audio_file_bytes=settings.max_blob_bytes)
+    config, caps = record_config(settings)
     sources, fixed_split = settings.manifests, None
     earlier: Iterable[ManifestRow] = ()
     if settings.validation_manifests:  # upstream external validation: no hashing into validation/test
@@ -229,18 +260,37 @@ def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], N
                                     getattr(error, "stage", "manifest"), str(error), line=getattr(error, "line", None)))
 
     probe = DurationProbe(settings.record_cache_path(split).parent / "probed_durations.parquet")
+    counts = {"scanned": 0, "selected": 0}
+
+    def counted(rows: Iterable[ManifestRow]) -> Iterable[ManifestRow]:
+        for row in rows:
+            counts["scanned"] += 1
+            yield row
+            if progress_interval and counts["scanned"] % progress_interval == 0:
+                logger.log(progress_level, "record cache progress split=%s scanned=%d selected=%d not_cached=%d",
+                           split, counts["scanned"], counts["selected"], len(rejections))
 
     def accepted() -> Iterable[Record]:
-        rows = iter_manifest_rows(sources, source_base=settings.source_base, on_error=manifest_failed,
-                                  max_blob_bytes=settings.max_blob_bytes)
+        rows = counted(iter_manifest_rows(sources, source_base=settings.source_base, on_error=manifest_failed,
+                                          max_blob_bytes=settings.max_blob_bytes))
         for item in build_records(rows, config, probe_duration=probe, splits=[split], fixed_split=fixed_split,
                                   allowed_audio_roots=settings.audio_roots(), earlier_rows=earlier):
             if isinstance(item, Rejection):
                 rejections.append(item)
+                trace(logger, "record cache %s: row %d of %s utterance_id=%s not cached (%s): %s", split,
+                      item.row_number, item.manifest_path, item.utterance_id, item.stage, item.reason)
             else:
+                counts["selected"] += 1
+                trace(logger, "record cache %s: utterance_id=%s audio=%s duration=%.3f s", split, item.utterance_id,
+                      item.audio_path or f"<{len(item.audio_bytes or b'')} embedded bytes>", item.duration_s)
                 yield item
 
-    summary = write_record_cache(settings.record_cache_path(split), accepted())
+    records: Iterable[Record] = accepted()
+    cap = caps.get(split)
+    with contextlib.closing(records):  # type: ignore[arg-type]  # a generator: closes the manifest readers
+        if cap is not None:  # upstream --max-train-samples / --max-val-samples: stop reading at the cap
+            records = itertools.islice(records, max(cap, 0))
+        summary = write_record_cache(settings.record_cache_path(split), records)
     probe.save()
     report = settings.records_report_path(split)
     write_jsonl_report(report, (r.to_report() for r in rejections))

@@ -57,6 +57,10 @@ class RecordConfig:
     max_chars_per_second: float = math.inf
     min_words_per_second: float = 0.0
     max_words_per_second: float = math.inf
+    min_duration_per_char: float = 0.0
+    max_duration_per_char: float = math.inf
+    min_duration_per_word: float = 0.0
+    max_duration_per_word: float = math.inf
     require_readable_audio: bool = True
     require_audio_bytes: bool = False
     max_audio_file_bytes: int | None = None
@@ -70,6 +74,10 @@ class RecordConfig:
             raise ConfigError(f"min_audio_duration_s must be > 0, got {self.min_audio_duration_s!r}")
         if self.max_audio_duration_s < self.min_audio_duration_s or self.max_transcript_chars < self.min_transcript_chars:
             raise ConfigError("each maximum must be >= its minimum")
+        for bound in ("chars_per_second", "words_per_second", "duration_per_char", "duration_per_word"):
+            low, high = getattr(self, f"min_{bound}"), getattr(self, f"max_{bound}")
+            if high < low:
+                raise ConfigError(f"max_{bound} must be >= min_{bound}, got {high!r} < {low!r}")
 
 
 @dataclass(frozen=True)
@@ -255,6 +263,11 @@ def _filter(transcript: str, duration: float, config: RecordConfig) -> str | Non
         return f"{cps:.1f} chars/s outside [{config.min_chars_per_second}, {config.max_chars_per_second}]"
     if not config.min_words_per_second <= wps <= config.max_words_per_second:
         return f"{wps:.1f} words/s outside [{config.min_words_per_second}, {config.max_words_per_second}]"
+    per_char, per_word = duration / chars, duration / words
+    if not config.min_duration_per_char <= per_char <= config.max_duration_per_char:
+        return f"{per_char:.3f} s per char outside [{config.min_duration_per_char}, {config.max_duration_per_char}]"
+    if not config.min_duration_per_word <= per_word <= config.max_duration_per_word:
+        return f"{per_word:.3f} s per word outside [{config.min_duration_per_word}, {config.max_duration_per_word}]"
     return None
 
 

@@ -86,6 +86,12 @@ class Settings:
             with stage ``timeout``. None: no limit.
         timeout_per_audio_s: seconds allowed per second of audio above the floor (the limit is
             ``max(utterance_timeout_s, timeout_per_audio_s * min(duration, max_decode_s))``).
+        record_cache_dir: folder of the record cache instead of ``<output>/record_cache``
+            (upstream ``record-cache --record-cache-dir``). None: ``<output>/record_cache``.
+        record_options: :class:`~asr_assets.records.RecordConfig` fields to change (upstream
+            ``record-cache`` flags: ``seed``, ``val_fraction``, filter bounds, ``lowercase`` ...),
+            plus ``max_records``, ``{split: cap}`` (upstream ``--max-train-samples`` /
+            ``--max-val-samples``: manifests are read in order until a split has that many).
     """
 
     manifests: tuple[str, ...] = field(default_factory=lambda: tuple(bundled_sample_manifests()))
@@ -108,6 +114,8 @@ class Settings:
     max_blob_mb: float | None = 100.0
     utterance_timeout_s: float | None = 60.0
     timeout_per_audio_s: float = 10.0
+    record_cache_dir: str | None = None
+    record_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.manifests:
@@ -195,6 +203,8 @@ class Settings:
         return Path(self.output).resolve()
 
     def record_cache_path(self, split: str) -> Path:
+        if self.record_cache_dir is not None:
+            return Path(self.record_cache_dir).resolve() / f"{split}.jsonl"
         return self.output_path / "record_cache" / f"{split}.jsonl"
 
     def feature_split_root(self, split: str) -> Path:

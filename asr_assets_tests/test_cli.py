@@ -32,7 +32,7 @@ from asr_assets.manifests import iter_manifest_rows
 from asr_assets.record_cache import RecordStore
 from asr_assets.settings import SPLITS
 
-SAMPLE_CV = Path(cli.__file__).resolve().parent / "sample_data" / "cv"
+SAMPLE_CV = Path(cli.__file__).resolve().parent.parent / "sample_data" / "cv"
 HEAVY = ("scipy.signal", "dagster", "polars", "torch")
 
 

@@ -1,0 +1,62 @@
+"""``asr-assets export``: the features of one split and frontend as another store backend."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from ..errors import ConfigError
+from ..settings import SPLITS, Settings
+from ._common import plural
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    exp = sub.add_parser("export", help="write one frontend's features of a split into another store backend "
+                                        "(numpy_memmap, hdf5), in record order, atomically")
+    exp.add_argument("--output", metavar="DIR", help="output root holding feature-cache/ and record_cache/ "
+                                                     "(default: $ASR_ASSETS_OUTPUT or artifacts/)")
+    exp.add_argument("--split", required=True, choices=SPLITS, help="split to export")
+    exp.add_argument("--frontend", metavar="NAME", default="squeezeformer",
+                     help="frontend whose features to export, a name or a hash12 (default: squeezeformer)")
+    exp.add_argument("--backend", required=True, metavar="NAME", help="storage backend: numpy_memmap or hdf5")
+    exp.add_argument("--to", required=True, metavar="DIR", help="the new store's folder (must not exist, or be empty)")
+    return exp
+
+
+def run(args: argparse.Namespace) -> int:
+    """Reads ``<output>/feature-cache/<split>`` for the utterances of ``<output>/record_cache/<split>.jsonl``
+    (in record order), skips records without features and prints one summary line.
+
+    Raises:
+        AsrAssetsError: a missing cache, an unknown frontend or backend, a ``--to`` that is a
+            file or a folder that is not empty.
+    """
+    settings = Settings.from_env(output=args.output)
+    from ..stores import available_stores, export_feature_store
+
+    frontend = args.frontend
+    if not re.fullmatch(r"[0-9a-f]{12}", frontend):
+        frontend = settings.frontend(frontend)  # UnknownFrontendError with "did you mean"
+    if args.backend not in available_stores(writable=True):
+        raise ConfigError(f"unknown --backend {args.backend!r}; available: {', '.join(available_stores(writable=True))}")
+    split_root, records = settings.feature_split_root(args.split), settings.record_cache_path(args.split)
+    if not (split_root / "feature_shards").is_dir():
+        raise ConfigError(f"no feature cache at {str(split_root)!r}: run asr-assets materialize --output "
+                          f"{str(settings.output_path)!r} first")
+    if not records.is_file():
+        raise ConfigError(f"no record cache at {str(records)!r}: run asr-assets materialize --output "
+                          f"{str(settings.output_path)!r} first")
+    from ..stores.sharded_parquet import frontends_in_parts
+
+    cached = frontends_in_parts(split_root)  # every part names its frontend: refuse one that is not there
+    wanted = frontend if isinstance(frontend, str) else frontend.frontend_hash()
+    if cached and None not in cached and wanted not in cached:
+        held = ", ".join(f"{m['frontend'] or '?'} ({h})" for h, m in sorted(cached.items()))
+        raise ConfigError(f"the feature cache {str(split_root)!r} holds no features of {args.frontend!r} ({wanted}); "
+                          f"it holds: {held}")
+    summary = export_feature_store(split_root, args.to, backend=args.backend, frontend=frontend, record_cache=records)
+    what = f"{summary.frontend} {summary.frontend_hash}" if summary.frontend else summary.frontend_hash
+    print(f"{args.split} [{what}] -> {summary.path} "
+          f"({summary.storage_type}): {plural(summary.written, 'utterance')} written, {summary.missing} without "
+          f"features (skipped), {summary.nbytes / 1e6:.1f} MB, {summary.seconds:.2f} s")
+    return 0

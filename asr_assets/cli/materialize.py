@@ -1,0 +1,231 @@
+"""``asr-assets materialize``: the whole graph through Dagster, against the instance in
+``DAGSTER_HOME`` (default ``./dagster_home``).
+
+One run per split of ``record_cache``, then one run per split covering the shards with work of
+every enabled frontend. Runs, lineage and metadata then show in ``dagster dev``. Progress,
+including the Dagster run log, goes to stdout; stderr carries only problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ..errors import ManifestError
+from ..settings import SPLITS, Settings
+from . import _common
+
+_QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    mat = sub.add_parser("materialize", help="materialize the whole graph (record cache, then feature shards)")
+    mat.add_argument("--manifests", action="append", metavar="PATH",
+                     help="manifest file or folder; repeatable (default: $ASR_ASSETS_MANIFESTS or the bundled sample)")
+    mat.add_argument("--validation-manifests", action="append", metavar="PATH",
+                     help="external validation source; repeatable (then every row of --manifests goes to train)")
+    mat.add_argument("--output", metavar="DIR", help="output root (default: $ASR_ASSETS_OUTPUT or artifacts/)")
+    mat.add_argument("--frontend", action="append", metavar="NAME",
+                     help="frontend to cache; repeatable (default: $ASR_ASSETS_FRONTENDS or squeezeformer; "
+                          "list: asr-assets frontends)")
+    mat.add_argument("--plugin", action="append", metavar="MODULE",
+                     help="import MODULE first (it registers frontends); repeatable (default: $ASR_ASSETS_PLUGINS)")
+    over = mat.add_argument_group(
+        "frontend overrides",
+        "Upstream train.py flags. Each applies to every enabled frontend and changes its cache key. "
+        "squeezeformer and zipformer take all of them; w2v-bert only --sample-rate and --n-mels; "
+        "ludwig-* only --sample-rate. Sample counts are at --sample-rate.")
+    _common.add_override_flags(over)
+    mat.add_argument("--workers", type=_common.workers, metavar="N",
+                     help="feature-extraction processes, at least 1 (default: $ASR_ASSETS_WORKERS or every core)")
+    mat.add_argument("--source-base", metavar="DIR", help="base folder of relative audio paths instead of each manifest root")
+    mat.add_argument("--no-ffmpeg-fallback", action="store_true", help="decode with libsndfile only (no PyAV)")
+    mat.add_argument("--confine-audio", action="append", nargs="?", const="", metavar="DIR",
+                     help="refuse audio outside the manifest roots (or outside DIR; repeatable) and report it")
+    mat.add_argument("--fail-fast", action="store_true", help="fail the run on the first utterance that cannot be featurized")
+    mat.add_argument("--utterance-timeout", type=_common.positive_seconds, metavar="SECONDS",
+                     help="wall-clock floor per utterance (decode + features); a worker past its limit, "
+                          "max(SECONDS, 10 s per audio second), is killed and the utterance reported as "
+                          "'timeout' (default: $ASR_ASSETS_UTTERANCE_TIMEOUT_S or 60)")
+    return mat
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings of ``materialize``, checked as far as possible before Dagster starts.
+
+    Raises:
+        AsrAssetsError, ValueError: a setting the user must fix (one-line message).
+    """
+    from ..errors import ConfigError
+    from ..manifests import discover_manifests
+
+    overrides = _common.overrides_from_args(args)
+    settings = Settings.from_env(
+        manifests=args.manifests, validation_manifests=args.validation_manifests, output=args.output,
+        frontends=args.frontend, plugins=args.plugin, workers=args.workers, source_base=args.source_base,
+        ffmpeg_fallback=False if args.no_ffmpeg_fallback else None, fail_fast=True if args.fail_fast else None,
+        confine_audio_paths=True if args.confine_audio else None,
+        allowed_audio_roots=tuple(d for d in (args.confine_audio or []) if d) or None,
+        utterance_timeout_s=args.utterance_timeout,
+    )
+    if overrides:
+        settings = settings.with_(frontend_overrides={name: overrides for name in settings.frontends})
+    for source in (*settings.manifests, *settings.validation_manifests):
+        discover_manifests(source)  # raises ManifestError naming the source
+    for name in settings.frontends:
+        settings.frontend(name)  # raises UnknownFrontendError with suggestions, or a bad override
+    if settings.source_base and not Path(settings.source_base).is_dir():
+        raise ConfigError(f"--source-base {settings.source_base!r} is not a folder")
+    _common.check_output(settings.output_path, "--output" if args.output else
+                         "ASR_ASSETS_OUTPUT" if os.environ.get("ASR_ASSETS_OUTPUT") else "the default output")
+    return settings
+
+
+def _manifest_files(settings: Settings) -> list[str]:
+    from ..manifests import discover_manifests
+
+    files: list[str] = []
+    for source in dict.fromkeys((*settings.manifests, *settings.validation_manifests)):
+        files.extend(str(p) for p in discover_manifests(source) if str(p) not in files)
+    return files
+
+
+def materialize(settings: Settings) -> int:
+    """Run the whole graph; returns the process exit status.
+
+    The Dagster run log goes to stdout (stderr carries only problems).
+
+    Raises:
+        ConfigError: ``DAGSTER_HOME`` cannot be used.
+        ManifestError: the manifests give no record in any split (nothing to featurize); the
+            message names the manifest files read and the reports with the reasons.
+    """
+    import contextlib
+    import warnings
+
+    from ..pipeline import feature_shards_with_work, record_cache_is_up_to_date
+    from ..record_cache import RecordStore
+
+    _common.dagster_home()
+    print(f"asr-assets: manifests {list(settings.manifests)} -> {settings.output_path} "
+          f"(frontends {', '.join(settings.frontends)}; DAGSTER_HOME={os.environ['DAGSTER_HOME']})", flush=True)
+
+    def shards_with_work() -> dict[str, list[int]]:
+        busy = {}
+        for split in SPLITS:
+            shards = sorted({s for name in settings.frontends for s in feature_shards_with_work(settings, name, split)})
+            if shards:
+                busy[split] = shards
+        return busy
+
+    # Skip conditions, checked before Dagster is even imported: a split whose record cache is up
+    # to date, and a split whose shards have nothing to compute, start no run; a no-op over an
+    # unchanged corpus reads no manifest, writes no file and records no run.
+    stale = [split for split in SPLITS if not record_cache_is_up_to_date(settings, split)]
+    if not stale and not any(len(RecordStore(settings.record_cache_path(s))) for s in SPLITS):
+        _print_summary(settings)
+        raise ManifestError(_no_records_message(settings))
+    if not stale and not shards_with_work():
+        print("asr-assets: up to date (manifests, settings and code unchanged; every record has its "
+              "features or a reported failure): no run started", flush=True)
+        _print_summary(settings)
+        return 0
+
+    import dagster as dg
+
+    from ..definitions import build_definitions
+    from ..defs.assets import feature_asset_name
+    from ..defs.jobs import FEATURES_JOB, RECORD_CACHE_JOB, run_tags
+    from ..defs.partitions import feature_partition_key
+
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+    instance = _common.dagster_instance()
+    defs = build_definitions(settings)
+
+    def run(job_name: str, start: str, end: str, what: str, tags: dict[str, str]) -> bool:
+        one = start == end  # a single partition: per-partition data version and check history
+        tags = {"asr/cli": "materialize", **tags}
+        if not one:
+            tags.update({"dagster/asset_partition_range_start": start, "dagster/asset_partition_range_end": end})
+        job = defs.resolve_job_def(job_name)  # a named job, so the Runs page says what ran
+        with contextlib.redirect_stderr(sys.stdout):  # Dagster's console log is progress, not a problem
+            result = job.execute_in_process(
+                instance=instance, raise_on_error=False, run_config=_QUIET_LOGS,
+                partition_key=start if one else None, tags=tags,
+            )
+        sys.stdout.flush()
+        if not result.success:
+            print(f"asr-assets: run {result.run_id} ({what}) FAILED; see its log on stdout or in `dagster dev`",
+                  file=sys.stderr)
+        return result.success
+
+    ok = all([run(RECORD_CACHE_JOB, split, split, f"record_cache[{split}]", run_tags("record_cache", split))
+              for split in stale])
+    if ok and not any(len(RecordStore(settings.record_cache_path(s))) for s in SPLITS):
+        _print_summary(settings)
+        raise ManifestError(_no_records_message(settings))
+    busy: dict[str, list[int]] = {}
+    if ok:
+        busy = shards_with_work()
+        assets = ",".join(feature_asset_name(name) for name in settings.frontends)
+        for split, shards in busy.items():  # one run per split over the range of shards with work
+            lo, hi = shards[0], shards[-1]
+            ok = run(FEATURES_JOB, feature_partition_key(split, lo), feature_partition_key(split, hi),
+                     f"features of {split}", run_tags(assets, split, shards=f"{lo:02d}-{hi:02d}")) and ok
+    _print_summary(settings)
+    return 0 if ok else 1
+
+
+def _no_records_message(settings: Settings) -> str:
+    files = _manifest_files(settings)
+    _, problems = _records_reports(settings)
+    # file-level entries, not skipped TSV lines ("line N skipped: ...", see manifests.iter_manifest_rows)
+    broken = len({p.get("manifest") for p in problems if not str(p.get("error", "")).startswith("line ")})
+    shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    whole = f"; {broken} with a file-level problem" if broken else ""
+    reports = settings.output_path / "reports" / f"records-{{{','.join(SPLITS)}}}.jsonl"
+    return (f"no records to cache: the manifests gave 0 usable rows ({_common.plural(len(files), 'file')} read: "
+            f"{shown}{whole}); reasons per file and row in {reports}")
+
+
+def _records_reports(settings: Settings) -> tuple[dict[str, int], list[dict]]:
+    """From ``reports/records-<split>.jsonl``: rows not cached per split, and the manifest-level
+    entries (no utterance id: unreadable file, no usable columns, skipped line), each once (they
+    repeat in every split's report)."""
+    import json
+
+    rows: dict[str, int] = {}
+    problems: dict[tuple, dict] = {}
+    for split in SPLITS:
+        path = settings.records_report_path(split)
+        if not path.exists():
+            continue
+        rows[split] = 0
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                entry = json.loads(line)
+                if entry.get("utterance_id") is None:
+                    problems.setdefault((entry.get("manifest"), entry.get("error")), entry)
+                else:
+                    rows[split] += 1
+    return rows, list(problems.values())
+
+
+def _print_summary(settings: Settings) -> None:
+    from ..record_cache import RecordStore
+
+    reports = settings.output_path / "reports"
+    rejected, problems = _records_reports(settings)
+    for split in SPLITS:
+        path = settings.record_cache_path(split)
+        if path.exists():
+            print(f"  {split:<10} {len(RecordStore(path)):>7} records, {rejected.get(split, 0)} manifest rows not cached")
+    for entry in problems[:5]:
+        print(f"  manifest problem: {entry.get('error')}")
+    if len(problems) > 5:
+        print(f"  ... and {len(problems) - 5} more manifest problems in {reports}/records-<split>.jsonl")
+    failures = sum(sum(1 for _ in open(p, encoding="utf-8")) for p in reports.glob("*/*/shard_*.jsonl")) if reports.exists() else 0
+    print(f"  feature failures: {failures} (reports under {reports})", flush=True)
