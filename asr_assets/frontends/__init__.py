@@ -23,11 +23,11 @@ frontends are registered by name, and a frontend's module (scipy, soxr lazily th
 from __future__ import annotations
 
 import difflib
-import importlib
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from asr_assets._lazy import lazy_getattr
 from asr_assets.errors import FeatureConfigError, UnknownFrontendError
 
 from .base import Frontend, py_float, render_config_repr
@@ -59,12 +59,7 @@ _LAZY_CLASSES = {"LogMelFrontend": "logmel", "LudwigFrontend": "ludwig", "W2VBer
 LUDWIG_FEATURE_TYPES = ("fbank", "stft", "stft_phase", "group_delay", "raw")
 
 
-def __getattr__(name: str):
-    if name in _LAZY_CLASSES:
-        value = getattr(importlib.import_module(f".{_LAZY_CLASSES[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY_CLASSES)
 
 
 #: name -> factory(**overrides) -> Frontend
