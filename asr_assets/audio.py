@@ -470,12 +470,7 @@ class _FlacLength(NamedTuple):
 
 def _flac_length(source: _Local, head: bytes) -> _FlacLength | None:
     """STREAMINFO's claimed length and the true one from the last frame(s); None if not FLAC."""
-    pos = 0
-    if head[:3] == b"ID3" and len(head) >= 10:  # ID3v2 before fLaC (libsndfile skips it)
-        size = 0
-        for b in head[6:10]:
-            size = (size << 7) | (b & 0x7F)
-        pos = 10 + size + (10 if head[5] & 0x10 else 0)
+    pos = _skip_id3v2(head, 0)  # ID3v2 before fLaC (libsndfile skips it)
     marker = head[pos:pos + 8] if pos + 8 <= len(head) else _read_at(source, pos, 8)
     if marker[:4] != b"fLaC" or marker[4] & 0x7F != 0 or marker[5:8] != b"\x00\x00\x22":
         return None
@@ -740,9 +735,8 @@ def _pyav_container(source: _Local, config: DecodeConfig):
         if isinstance(source, str) and _url_scheme(source) in _REMOTE_SCHEMES:
             timeout = float(config.network_timeout_s)
             micros = str(max(1, int(timeout * 1e6)))
-            options = {"format_whitelist": _FORMAT_WHITELIST, "protocol_whitelist": _REMOTE_PROTOCOLS,
-                       "timeout": micros, "rw_timeout": micros, "reconnect": "0",
-                       "enable_drefs": "0", "use_absolute_path": "0"}
+            options = {**_LOCAL_AV_OPTIONS, "protocol_whitelist": _REMOTE_PROTOCOLS,
+                       "timeout": micros, "rw_timeout": micros, "reconnect": "0"}
             opener = lambda: av.open(source, mode="r", container_options=options,  # noqa: E731
                                      timeout=(timeout, timeout))
         else:
