@@ -407,15 +407,18 @@ class ShardedParquetFeatureCache:
         results: list[np.ndarray | None] = [None] * len(keys)
         pending = list(range(len(keys)))
         for attempt in range(3):
-            by_part: dict[Path, list[int]] = {}
+            # (key index, row) per part, from one index lookup per key: a second lookup could
+            # meet a rebuilt index and take a row of another part
+            by_part: dict[Path, list[tuple[int, int]]] = {}
             for i in pending:
                 where = self.shard_index_of(keys[i]).get(keys[i])
                 if where is not None:
-                    by_part.setdefault(where[0], []).append(i)
+                    by_part.setdefault(where[0], []).append((i, where[1]))
             retry = []
-            for part, idxs in by_part.items():
+            for part, located in by_part.items():
+                idxs = [i for i, _ in located]
                 try:
-                    payloads = self._payloads(part, [self.shard_index_of(keys[i])[keys[i]][1] for i in idxs])
+                    payloads = self._payloads(part, [row for _, row in located])
                 except FileNotFoundError:  # compacted away since the index was built
                     for i in idxs:
                         shard = shard_index(keys[i], self.num_shards)
