@@ -126,6 +126,8 @@ class Settings:
             raise ConfigError(f"num_shards must be in [1, 100], got {self.num_shards!r}")
         if self.workers < 0 or self.rows_per_part < 1:
             raise ConfigError("workers must be >= 0 and rows_per_part >= 1")
+        if self.utterance_timeout_s == float("inf"):  # inf (env or flag) means no limit
+            object.__setattr__(self, "utterance_timeout_s", None)
         if self.max_blob_mb is not None and not self.max_blob_mb > 0:
             raise ConfigError(f"max_blob_mb must be > 0 MiB (or None / inf for no limit), got {self.max_blob_mb!r}")
 
@@ -166,8 +168,6 @@ class Settings:
                     values[name] = float(env[var])
                 except ValueError as exc:
                     raise ConfigError(f"{var} must be a number of seconds, got {env[var]!r}") from exc
-        if values.get("utterance_timeout_s") == float("inf"):
-            values["utterance_timeout_s"] = None
         values.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None})
         return cls(**values)
 
