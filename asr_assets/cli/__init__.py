@@ -52,12 +52,6 @@ from .upstream import record_cache, warm
 
 # The names of the single-module CLI, kept for callers and tests.
 _OVERRIDES = OVERRIDES
-_Parser = _common.Parser
-_one_line = _common.one_line
-_bool = _common.bool_value
-_workers = _common.workers
-_positive_seconds = _common.positive_seconds
-_check_output = _common.check_output
 _dagster_home = _common.dagster_home
 _dagster_instance = _common.dagster_instance
 

@@ -123,11 +123,17 @@ def materialize(settings: Settings) -> int:
     # Skip conditions, checked before Dagster is even imported: a split whose record cache is up
     # to date, and a split whose shards have nothing to compute, start no run; a no-op over an
     # unchanged corpus reads no manifest, writes no file and records no run.
+    def no_records() -> bool:
+        return not any(len(RecordStore(settings.record_cache_path(s))) for s in SPLITS)
+
     stale = [split for split in SPLITS if not record_cache_is_up_to_date(settings, split)]
-    if not stale and not any(len(RecordStore(settings.record_cache_path(s))) for s in SPLITS):
-        _print_summary(settings)
-        raise ManifestError(_no_records_message(settings))
-    if not stale and not shards_with_work():
+    busy: dict[str, list[int]] | None = None  # shards with work, once the record caches are final
+    if not stale:
+        if no_records():
+            _print_summary(settings)
+            raise ManifestError(_no_records_message(settings))
+        busy = shards_with_work()
+    if busy == {}:
         print("asr-assets: up to date (manifests, settings and code unchanged; every record has its "
               "features or a reported failure): no run started", flush=True)
         _print_summary(settings)
@@ -164,12 +170,12 @@ def materialize(settings: Settings) -> int:
 
     ok = all([run(RECORD_CACHE_JOB, split, split, f"record_cache[{split}]", run_tags("record_cache", split))
               for split in stale])
-    if ok and not any(len(RecordStore(settings.record_cache_path(s))) for s in SPLITS):
+    if ok and stale and no_records():  # only rebuilt splits can have changed the count
         _print_summary(settings)
         raise ManifestError(_no_records_message(settings))
-    busy: dict[str, list[int]] = {}
     if ok:
-        busy = shards_with_work()
+        if busy is None:  # record caches were rebuilt: plan again
+            busy = shards_with_work()
         assets = ",".join(feature_asset_name(name) for name in settings.frontends)
         for split, shards in busy.items():  # one run per split over the range of shards with work
             lo, hi = shards[0], shards[-1]
