@@ -312,6 +312,14 @@ def record_cache_is_up_to_date(settings: Settings, split: str) -> bool:
     return _up_to_date(settings, split, record_cache_inputs(settings, split)) is not None
 
 
+def reported_failures(settings: Settings, frontend_name: str, split: str, shard: int) -> set[str]:
+    """Utterance ids in a shard's failure report (written by :func:`build_feature_shards`)."""
+    report = settings.features_report_path(frontend_name, split, shard)
+    if not report.is_file():
+        return set()
+    return {json.loads(line)["utterance_id"] for line in report.read_text(encoding="utf-8").splitlines() if line}
+
+
 def feature_shards_with_work(settings: Settings, frontend: str | Frontend, split: str) -> list[int]:
     """Shards of ``split`` where :func:`build_feature_shards` has something to compute or
     tombstone; utterances already in a shard's failure report do not count (a run of their
@@ -325,9 +333,7 @@ def feature_shards_with_work(settings: Settings, frontend: str | Frontend, split
         return []
     failed: set[str] = set()
     for shard in range(settings.num_shards):
-        report = settings.features_report_path(fe.name, split, shard)
-        if report.is_file():
-            failed.update(json.loads(line)["utterance_id"] for line in report.read_text(encoding="utf-8").splitlines() if line)
+        failed |= reported_failures(settings, fe.name, split, shard)
     return shards_with_work(RecordStore(path), settings.feature_split_root(split), fe.frontend_hash(),
                             settings.num_shards, failed)
 

@@ -12,7 +12,6 @@ latest evaluation.
 """
 
 
-import json
 import os
 from collections import defaultdict
 
@@ -22,6 +21,7 @@ import numpy as np
 from asr_assets.extraction import plan_shard_tasks
 from asr_assets.feature_cache import CacheCorruptError, ShardedParquetFeatureCache, tombstone_keys
 from asr_assets.frontends import Frontend
+from asr_assets.pipeline import reported_failures
 from asr_assets.record_cache import RecordStore, record_store_is_valid
 
 from .assets import record_cache
@@ -90,10 +90,7 @@ def build_feature_check(frontend: Frontend, asset: dg.AssetsDefinition) -> dg.As
             cache = ShardedParquetFeatureCache(settings.feature_split_root(split))
             plan = plan_shard_tasks(store, frontend.frontend_hash(), shards, settings.num_shards)
             for shard, tasks in plan.items():
-                report = settings.features_report_path(frontend_name, split, shard)
-                failed = set()
-                if report.exists():
-                    failed = {json.loads(line)["utterance_id"] for line in report.read_text(encoding="utf-8").splitlines() if line}
+                failed = reported_failures(settings, frontend_name, split, shard)
                 invalid_keys = []
                 for task in tasks:
                     checked += 1
