@@ -343,7 +343,10 @@ def build_records(
         if not transcript:
             yield reject("manifest", row.transcript_error or "no transcript")
             continue
-        local_size = _local_file_size(row.audio_path)
+        # Confinement first: a path outside the allowed roots is never even stat'ed (a hostile
+        # manifest could name a dead network mount).
+        outside = roots is not None and row.audio_path is not None and not _inside(row.audio_path, roots)
+        local_size = None if outside else _local_file_size(row.audio_path)
         if row.audio_error and local_size is None:
             # The embedded audio is unusable (over the blob limit, wrongly typed); a readable local
             # file at audio.path would have been used instead of the bytes anyway (spec §1.5).
@@ -352,7 +355,7 @@ def build_records(
         if row.audio_path is None and not row.audio_bytes:
             yield reject("manifest", "no audio source (neither path nor embedded bytes)")
             continue
-        if roots is not None and row.audio_path is not None and not _inside(row.audio_path, roots):
+        if outside:
             yield reject("manifest", f"audio path {row.audio_path!r} is outside the allowed roots {roots}")
             continue
         if config.require_audio_bytes and not row.audio_bytes:
