@@ -56,6 +56,7 @@ from .feature_cache import (
     ShardWriter,
     ShardedParquetFeatureCache,
     cache_key,
+    part_metadata,
     shard_index,
     shard_lock,
 )
@@ -255,9 +256,7 @@ class FeatureDataset(Dataset):
 
     def part_metadata(self) -> dict:
         """The Parquet key-value metadata the extractor writes on its parts (and lazy_cached on its)."""
-        fe = self.frontend
-        return {"frontend": fe.name, "frontend_hash": self.frontend_hash, "config_repr": fe.config_repr(),
-                "feature_dim": fe.feature_dim, "sample_rate_hz": fe.sample_rate}
+        return part_metadata(self.frontend)
 
     # -- items --------------------------------------------------------------------------------
     def __getitem__(self, index: int) -> dict:

@@ -67,7 +67,8 @@ import threadpoolctl
 from ._fs import remove_stale_tmp
 from .audio import DecodeConfig, load_audio
 from .errors import AsrAssetsError, ConfigError
-from .feature_cache import ShardWriter, ShardedParquetFeatureCache, cache_key, encode_payload, shard_dir, shard_index, shard_lock
+from .feature_cache import (ShardWriter, ShardedParquetFeatureCache, cache_key, encode_payload, part_metadata, shard_dir,
+                            shard_index, shard_lock)
 from .frontends import Frontend
 from .logs import configure_worker, trace, worker_config
 from .record_cache import RecordStore
@@ -347,8 +348,7 @@ def _extract_locked(plan, split_root, frontend: Frontend, fhash: str, config: Ex
                 stats[shard].skipped += 1
             else:
                 todo.append(task)
-    metadata = {"frontend": frontend.name, "frontend_hash": fhash, "config_repr": frontend.config_repr(),
-                "feature_dim": frontend.feature_dim, "sample_rate_hz": frontend.sample_rate}
+    metadata = part_metadata(frontend)
     if logger.isEnabledFor(logging.DEBUG):
         for shard in plan:
             logger.debug("%s shard %02d of %s: %d records, %d to compute, %d already cached, %d to tombstone",

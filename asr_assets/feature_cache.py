@@ -154,6 +154,13 @@ def shard_lock(split_root: str | os.PathLike, shard: int, frontend_hash: str):
     return file_lock(shard_dir(split_root, shard) / f".lock-{frontend_hash}")
 
 
+def part_metadata(frontend) -> dict:
+    """The Parquet key-value metadata of a part written for ``frontend`` (a Frontend): name,
+    hash, config repr, feature dim and sample rate, so readers and compaction know whose it is."""
+    return {"frontend": frontend.name, "frontend_hash": frontend.frontend_hash(), "config_repr": frontend.config_repr(),
+            "feature_dim": frontend.feature_dim, "sample_rate_hz": frontend.sample_rate}
+
+
 class ShardWriter:
     """Writes rows of one shard as parts of at most ``rows_per_part`` rows.
 

@@ -52,7 +52,8 @@ from ._fs import remove_stale_tmp
 from .audio import DecodeConfig
 from .errors import AsrAssetsError, ConfigError
 from .extraction import ExtractionConfig, Failure, _label, _run, _Task
-from .feature_cache import ShardedParquetFeatureCache, ShardWriter, cache_key, shard_dir, shard_index, shard_lock
+from .feature_cache import (ShardedParquetFeatureCache, ShardWriter, cache_key, part_metadata, shard_dir, shard_index,
+                            shard_lock)
 from .frontends import Frontend
 from .logs import trace, worker_config
 
@@ -358,8 +359,7 @@ def warm_feature_cache(batches: Iterable[list[WarmRow]], split_root: str | os.Pa
     (split_root / "feature_shards").mkdir(parents=True, exist_ok=True)
     fhash = frontend.frontend_hash()
     summary = WarmSummary()
-    metadata = {"frontend": frontend.name, "frontend_hash": fhash, "config_repr": frontend.config_repr(),
-                "feature_dim": frontend.feature_dim, "sample_rate_hz": frontend.sample_rate}
+    metadata = part_metadata(frontend)
     state = (frontend, DecodeConfig(ffmpeg_fallback=config.ffmpeg_fallback, max_duration_s=config.max_decode_s),
              None, worker_config())
     writers: dict[int, ShardWriter] = {}
