@@ -377,7 +377,10 @@ class FeatureDataset(Dataset):
             present = self.cache.shard_entries(shard)
             todo = [(key, feats) for key, feats in rows.items() if present.get(key) is None]
             if todo:
-                writer = ShardWriter(self.feature_root, shard, rows_per_part=len(todo), metadata=self.part_metadata())
+                # many small write-backs: readers index the new parts from their footers, the
+                # persisted shard index is brought up to date by the next extraction/compaction
+                writer = ShardWriter(self.feature_root, shard, rows_per_part=len(todo), metadata=self.part_metadata(),
+                                     update_index=False)
                 for key, feats in todo:
                     writer.add(key, feats)
                 writer.close()
