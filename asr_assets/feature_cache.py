@@ -415,22 +415,30 @@ class ShardedParquetFeatureCache:
     The newest part (by ``(mtime_ns, name)``) that holds a key decides; within a part the last
     row of the key wins; a tombstone (``deleted`` or null payload) means "absent".
 
-    Built for training-time random access: a shard's index (key -> part, row) is built once and
-    re-validated (one listing and stat of the shard) at most every ``refresh_interval_s``
-    seconds or on :meth:`refresh`; up to ``max_open_parts`` parts stay open; a load reads only
-    the row group of its utterance (one row per row group in parts written here, see
-    :data:`PART_WRITE_OPTIONS`; older parts with big row groups are read correctly, slower). A
-    part that compaction removed meanwhile makes the shard re-list and the load retry, so a
-    reader stays safe while parts appear or are compacted away. Not thread-safe: use one per
-    thread or DataLoader worker (it opens files lazily and pickles without open handles).
+    Built for training-time random access:
+
+    * a shard's index (key -> part, row, payload byte range) is built once and re-validated (one
+      listing and stat of the shard) at most every ``refresh_interval_s`` seconds or on
+      :meth:`refresh`. It comes from the shard's persisted index (:data:`SHARD_INDEX_NAME`,
+      kept by the writers) for the parts it covers, and from the footers of the others; an
+      appended part costs one footer, not a rebuild;
+    * a load of a part written here (:data:`PART_WRITE_OPTIONS`) is one ``pread`` of its
+      payload's column chunk into the returned array's buffer (:class:`PartIndex`); other
+      parts (upstream's writers, legacy payloads) are read through pyarrow, up to
+      ``max_open_parts`` of them kept open;
+    * a part that compaction removed meanwhile makes the shard re-list and the load retry, so a
+      reader stays safe while parts appear or are compacted away.
+
+    Not thread-safe: use one per thread or DataLoader worker (it opens files lazily and pickles
+    without open handles or indexes).
 
     Args:
         split_root: ``<output>/feature-cache/<split>``.
         num_shards: 64 unless the cache was written with another count.
         refresh_interval_s: how stale a shard's index may get before it is re-validated; 0
             re-validates on every load (the pre-0.2 behaviour). (Default: 5.0)
-        max_open_parts: open ``ParquetFile`` handles kept (LRU; ~0.7 MB each for a 256-row
-            part). (Default: 128)
+        max_open_parts: open ``ParquetFile`` handles kept for parts read through pyarrow
+            (LRU; ~0.7 MB each for a 256-row part). (Default: 128)
 
     Example::
 
@@ -688,8 +696,15 @@ def _part_frontend_hash(part: Path) -> str | None:
     return _frontend_hash_of(pq.read_schema(part))
 
 
-def compact_shard(split_root: str | os.PathLike, shard: int, frontend_hash: str) -> dict:
-    """Merge the parts one frontend wrote in a shard into one part: newest row per key, tombstones dropped.
+#: Rows per part written by compaction: a part's footer holds one row group per row (~200 bytes
+#: each), so one part for a shard of 80k rows would have a ~16 MB footer to parse on a cold read.
+COMPACT_ROWS_PER_PART = 4096
+
+
+def compact_shard(split_root: str | os.PathLike, shard: int, frontend_hash: str, *,
+                  rows_per_part: int = COMPACT_ROWS_PER_PART) -> dict:
+    """Merge the parts one frontend wrote in a shard into parts of at most ``rows_per_part``
+    rows: newest row per key, tombstones dropped.
 
     Safe against concurrent readers: the merged part is renamed into place (with the newest
     input's mtime, so parts written later still win) before the inputs are removed, and readers
@@ -716,16 +731,19 @@ def compact_shard(split_root: str | os.PathLike, shard: int, frontend_hash: str)
                     live[key] = payload
         result = {"parts_before": len(parts), "parts_after": len(parts), "rows_before": rows_before,
                   "rows_after": rows_before, "tombstones_dropped": 0}
-        if len(parts) <= 1 and rows_before == len(live):
+        needed = math.ceil(len(live) / rows_per_part)
+        if len(parts) <= needed and rows_before == len(live):
             return result  # already compact
-        if live:
-            table = pa.table({"key": list(live), "payload": list(live.values()), "deleted": [False] * len(live)}, schema=SCHEMA)
-            newest = max(p.stat().st_mtime_ns for p in parts)
+        newest = max(p.stat().st_mtime_ns for p in parts)
+        keys = list(live)
+        for start in range(0, len(keys), rows_per_part):  # disjoint keys: their order does not matter
+            chunk = keys[start:start + rows_per_part]
+            table = pa.table({"key": chunk, "payload": [live[k] for k in chunk], "deleted": [False] * len(chunk)}, schema=SCHEMA)
             _write_part(directory, table.replace_schema_metadata(metadata), mtime_ns=newest, prefix="part_compact_")
         for part in parts:
             part.unlink()
         update_shard_index(split_root, shard)
-        return {"parts_before": len(parts), "parts_after": 1 if live else 0, "rows_before": rows_before,
+        return {"parts_before": len(parts), "parts_after": needed, "rows_before": rows_before,
                 "rows_after": len(live), "tombstones_dropped": int(tombstones)}
 
 

@@ -16,6 +16,7 @@ from asr_assets import ShardedParquetFeatureCache
 from asr_assets.errors import CacheCorruptError
 from asr_assets import feature_cache
 from asr_assets.feature_cache import (ShardWriter, cache_key, compact_shard, decode_payload, encode_payload, list_parts,
+                                      tombstone_keys,
                                       shard_dir, shard_index)
 
 
@@ -258,3 +259,23 @@ def test_parts_have_one_row_per_row_group_and_index_from_footer(tmp_path):
     fresh = ShardedParquetFeatureCache(tmp_path)
     assert fresh.load(ids[5])[0, 0] == 1.0 and fresh.load(ids[6]) is None and fresh.load(ids[2]) is None
     np.testing.assert_array_equal(fresh.read(ids[4]), np.full((2, 4), 4, np.float32))
+
+
+def test_compaction_caps_rows_per_part_and_keeps_the_newest_rows(tmp_path):
+    ids = _shard_ids(9, 10)
+    keys = [cache_key(u, "0a48384efcf3") for u in ids]
+    meta = {"frontend_hash": "0a48384efcf3"}
+    for value in (1, 2):  # two runs over the same keys: the second wins
+        with ShardWriter(tmp_path, 9, rows_per_part=4, metadata=meta) as writer:
+            for i, key in enumerate(keys):
+                writer.add(key, np.full((2, 3), 10 * value + i, np.float32))
+    tombstone_keys(tmp_path, 9, "0a48384efcf3", keys[:2])
+    result = compact_shard(tmp_path, 9, "0a48384efcf3", rows_per_part=3)
+    assert result == {"parts_before": 7, "parts_after": 3, "rows_before": 22, "rows_after": 8, "tombstones_dropped": 2}
+    parts = list_parts(shard_dir(tmp_path, 9))
+    assert [pq.ParquetFile(p).metadata.num_rows for p in parts] == [3, 3, 2]
+    cache = ShardedParquetFeatureCache(tmp_path)
+    assert [cache.load(u) for u in ids[:2]] == [None, None]
+    assert [cache.load(u)[0, 0] for u in ids[2:]] == [20 + i for i in range(2, 10)]
+    assert compact_shard(tmp_path, 9, "0a48384efcf3", rows_per_part=3)["parts_after"] == 3  # idempotent
+    assert list_parts(shard_dir(tmp_path, 9)) == parts
