@@ -5,7 +5,7 @@
                            [--confine-audio [DIR]] [--no-ffmpeg-fallback] [--fail-fast]
     asr-assets frontends
     asr-assets compact [--output DIR] [--frontend NAME]... [--split SPLIT]...
-    asr-assets export [--output DIR] --split SPLIT [--frontend NAME] --backend NAME --to DIR
+    asr-assets export [--output DIR] --split SPLIT [--frontend NAME] --backend NAME --to PATH [--store DIR]
     asr-assets record-cache --dataset-source PATH... --record-cache-dir DIR [upstream flags]   (alias build-record-cache)
     asr-assets warm (--input F | --input-folder D... | --input-record-cache J) --cache-dir ROOT [upstream flags]
 
