@@ -207,6 +207,14 @@ def test_300_segments_of_a_30_minute_flac_equal_the_samples_cut_by_hand(recordin
         expected = _by_hand(full, offset, duration, frontend)
         np.testing.assert_array_equal(got[f"seg{i:04d}"], expected, err_msg=f"segment {i} ({offset}, {duration})")
 
+    # The training reader's lazy mode decodes the same segments (the extractor's code path).
+    from asr_assets.data import FeatureDataset
+
+    dataset = FeatureDataset(settings.output, "train", mode="lazy")
+    for index in range(0, len(dataset), 25):
+        item = dataset[index]
+        np.testing.assert_array_equal(item["features"].numpy(), got[item["utterance_id"]])
+
 
 def test_segments_through_pyav_and_worker_processes_equal_the_samples_cut_by_hand(recording, tmp_path):
     """Matroska/FLAC goes through PyAV (container.seek + trim by timestamps), in worker processes
