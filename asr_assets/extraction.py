@@ -9,6 +9,12 @@ Work is split across ``workers`` processes (one thread each: per-utterance DSP d
 from threads on small machines); results are consumed in record order, so the rows of every part
 are the same whatever the number of workers. Each worker holds one decoded clip (capped by
 ``max_decode_s``) and at most ``4 * workers`` results wait to be consumed.
+
+A record with ``offset_seconds`` is a segment of a long recording: only the segment is decoded
+(:class:`asr_assets.audio.SegmentReader`: seek + trim), the caps and the time limit are the
+segment's, and each worker keeps its last 8 files open, so the segments of one file that reach a
+worker one after another (record order, which is file order in LibriHeavy/GigaSpeech-style
+manifests, is kept within a shard) cost one open and one seek each, not a decode from the start.
 Tasks are ordered shard by shard and a shard's writer commits as soon as its last utterance is
 done, so the main process holds at most ``rows_per_part`` payloads of about two shards.
 Peak memory is therefore bounded by roughly
@@ -65,7 +71,7 @@ import numpy as np
 import threadpoolctl
 
 from ._fs import remove_stale_tmp
-from .audio import DecodeConfig, load_audio
+from .audio import DecodeConfig, SegmentReader, load_audio
 from .errors import AsrAssetsError, ConfigError
 from .feature_cache import (ShardWriter, ShardedParquetFeatureCache, cache_key, encode_payload, part_metadata, shard_dir,
                             shard_index, shard_lock)
@@ -194,6 +200,8 @@ class _Task:
     shard: int
     key: str
     expected_samples: int = 0  # at 16 kHz, from the record cache (manifest or header duration)
+    offset_s: float | None = None  # a segment of a long recording: start (s) into the file ...
+    duration_s: float | None = None  # ... and its length (s); None: the whole file
 
 
 _STATE: dict = {}
@@ -207,6 +215,16 @@ def _init_worker(frontend: Frontend, decode_config: DecodeConfig, duration_toler
     threadpoolctl.threadpool_limits(limits=1)
     configure_worker(log_levels)  # the main process's log levels (asr_assets.logs), if it set any
     _STATE.update(frontend=frontend, decode=decode_config, duration_tolerance=duration_tolerance)
+    _segment_reader()
+
+
+def _segment_reader() -> SegmentReader:
+    """This process's open files for segments (the last few long recordings stay open, so the
+    segments of one file that reach this worker one after another cost one open)."""
+    reader = _STATE.get("segments")
+    if reader is None:
+        reader = _STATE["segments"] = SegmentReader(max_open=_OPEN_FILES)
+    return reader
 
 
 def _featurize(task: _Task) -> tuple:
@@ -230,7 +248,11 @@ def _featurize_timed(task: _Task) -> tuple[bytes | None, float, int, str | None,
     if task.source is None:
         return None, 0.0, 0, "decode", "record has neither audio_path nor audio_blob_path"
     try:
-        samples = load_audio(task.source, hint=task.hint, config=_STATE["decode"], target_rate=frontend.sample_rate)
+        if task.offset_s is not None:
+            samples = load_audio(task.source, hint=task.hint, config=_STATE["decode"], target_rate=frontend.sample_rate,
+                                 offset_s=task.offset_s, duration_s=task.duration_s, reader=_segment_reader())
+        else:
+            samples = load_audio(task.source, hint=task.hint, config=_STATE["decode"], target_rate=frontend.sample_rate)
     except AsrAssetsError as exc:
         return None, 0.0, 0, "decode", str(exc)
     except Exception as exc:  # a decoder bug on hostile input must not stop the run
@@ -274,7 +296,8 @@ def plan_shard_tasks(store: RecordStore, frontend_hash: str, shards: Iterable[in
         if shard in wanted:
             source = item.get("audio_blob_abspath") or item.get("audio_path")
             plan[shard].append(_Task(item["utterance_id"], source, item.get("audio_path"), shard, key,
-                                     int(item.get("num_samples") or 0)))
+                                     int(item.get("num_samples") or 0), item.get("offset_seconds"),
+                                     item.get("duration_seconds")))
     return plan
 
 
@@ -412,6 +435,7 @@ def _extract_locked(plan, split_root, frontend: Frontend, fhash: str, config: Ex
 # utterance a dead or killed worker had.
 
 _CRASHED = "worker process died ({how}) while decoding or featurizing this utterance, twice"
+_OPEN_FILES = 8  # long recordings each worker keeps open for their segments (audio.SegmentReader)
 _DEPTH = 2  # tasks queued per worker: one running, one waiting (keeps workers busy while the main process writes)
 _START_LIMIT_S = 300.0  # a worker that cannot even start in this long means a broken environment, not bad audio
 _START_FAILURES = 3  # workers dying before they are ready, in a row, after some worked: give up
@@ -702,8 +726,13 @@ def _run(tasks: list[_Task], state: tuple, workers: int, config: ExtractionConfi
     if workers <= 1 and config.utterance_timeout_s is None:
         _STATE.update(frontend=state[0], decode=state[1], duration_tolerance=state[2])
         logger.debug("featurizing %d utterances in this process (workers=1, no time limit)", len(tasks))
-        for task in tasks:
-            yield task, _featurize(task)
+        try:
+            for task in tasks:
+                yield task, _featurize(task)
+        finally:
+            reader = _STATE.pop("segments", None)
+            if reader is not None:
+                reader.close()  # no file stays open in this process after the run
         return
     if not tasks:
         return

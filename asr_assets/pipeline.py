@@ -120,7 +120,7 @@ class RecordCacheResult:
 
 #: Bump when the record-building code changes what a manifest row becomes: every split is then
 #: rebuilt once although its inputs did not change.
-RECORD_CACHE_CODE_VERSION = "2"
+RECORD_CACHE_CODE_VERSION = "3"  # 3: segment rows (offset/start column)
 #: Settings that decide the records (the rest — workers, frontends, ... — do not).
 _RECORD_SETTINGS = ("manifests", "validation_manifests", "source_base", "require_readable_audio",
                     "confine_audio_paths", "allowed_audio_roots", "max_blob_mb")

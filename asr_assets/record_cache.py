@@ -8,7 +8,8 @@ Entry points:
 
 Layout of a store ``<dir>/train.jsonl``::
 
-    train.jsonl                     one JSON object per line (Python json.dumps, ensure_ascii=False)
+    train.jsonl                     one JSON object per line (Python json.dumps, ensure_ascii=False);
+                                    a segment adds offset_seconds, duration_seconds (SEGMENT_KEYS)
     train.jsonl.offsets.u64         u64 LE byte offset of each line
     train.jsonl.estimated_frames.u32, .num_samples.u64, .sample_rates.u32,
     train.jsonl.transcript_lengths.u32, .token_lengths.u32
@@ -34,6 +35,14 @@ import numpy as np
 from ._fs import atomic_write_bytes, file_lock, remove_stale_tmp, tmp_path_for
 from .errors import CacheCorruptError
 from .records import Record
+
+#: JSONL keys of a segment record (a manifest row with an offset), after upstream's six keys;
+#: absent from whole-file records, whose lines stay byte for byte what they were. Seconds, as
+#: the manifest gave them: the segment is ``[offset_seconds, offset_seconds + duration_seconds)``
+#: of ``audio_path`` (or the blob), and the sidecars (``num_samples``, ``estimated_frames``)
+#: describe the segment. Upstream's loaders ignore unknown keys, so they would decode the whole
+#: file (docs/decoders.md, "Segments of long recordings").
+SEGMENT_KEYS = ("offset_seconds", "duration_seconds")
 
 SIDECARS: dict[str, str] = {
     ".offsets.u64": "<u8",
@@ -91,7 +100,9 @@ def write_record_cache(jsonl_path: str | os.PathLike, records: Iterable[Record])
     Returns:
         :class:`WriteSummary` with counts and audio seconds.
 
-    Embedded bytes are kept as a blob unless a readable local file exists at ``audio_path``.
+    Embedded bytes are kept as a blob unless a readable local file exists at ``audio_path``
+    (content-addressed: segments embedding the same long file share one blob). A segment
+    record (``offset_s`` set) gets the :data:`SEGMENT_KEYS`.
     An existing store is replaced only once the new one is complete; concurrent writers of the
     same store are serialized by a lock on ``<split>.jsonl.lock`` and the last one wins.
     """
@@ -113,17 +124,18 @@ def _write_locked(jsonl_path: Path, records: Iterable[Record]) -> WriteSummary:
             if record.audio_bytes is not None and not (record.audio_path and os.path.isfile(record.audio_path)):
                 blob_path = write_blob(jsonl_path, record.audio_bytes)
                 summary.blobs += 1
-            line = json.dumps(
-                {
-                    "audio_path": record.audio_path,
-                    "audio_blob_path": blob_path,
-                    "transcript": record.transcript,
-                    "utterance_id": record.utterance_id,
-                    "speaker_id": record.speaker_id,
-                    "has_speaker_id": record.speaker_id is not None,
-                },
-                ensure_ascii=False,
-            )
+            fields = {
+                "audio_path": record.audio_path,
+                "audio_blob_path": blob_path,
+                "transcript": record.transcript,
+                "utterance_id": record.utterance_id,
+                "speaker_id": record.speaker_id,
+                "has_speaker_id": record.speaker_id is not None,
+            }
+            if record.offset_s is not None:  # a segment: keys upstream's readers ignore (see SEGMENT_KEYS)
+                fields["offset_seconds"] = record.offset_s
+                fields["duration_seconds"] = record.duration_s
+            line = json.dumps(fields, ensure_ascii=False)
             columns[".offsets.u64"].append(handle.tell())
             data = line.encode("utf-8") + b"\n"
             handle.write(data)
@@ -199,7 +211,8 @@ def _offsets_match_jsonl(jsonl_path: Path, offsets: np.ndarray) -> bool:
 class RecordStore:
     """Random access to a record store: ``len(store)``, ``store[i]`` -> dict.
 
-    Each item is the JSONL object plus ``estimated_frames``, ``num_samples``, ``sample_rate``,
+    Each item is the JSONL object (with ``offset_seconds`` and ``duration_seconds`` for a
+    segment, :data:`SEGMENT_KEYS`) plus ``estimated_frames``, ``num_samples``, ``sample_rate``,
     ``transcript_length``, ``token_length`` from the sidecars (None for a missing optional
     sidecar) and ``audio_blob_abspath`` (the blob resolved against the JSONL's folder, or None).
 
