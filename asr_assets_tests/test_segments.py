@@ -215,6 +215,19 @@ def test_300_segments_of_a_30_minute_flac_equal_the_samples_cut_by_hand(recordin
         item = dataset[index]
         np.testing.assert_array_equal(item["features"].numpy(), got[item["utterance_id"]])
 
+    # Upstream's warmer over the record cache (`asr-assets warm --input-record-cache`) decodes only the segments too.
+    from asr_assets.extraction import ExtractionConfig
+    from asr_assets.warm import iter_record_cache_batches, warm_feature_cache
+
+    warmed = tmp_path / "warmed"
+    summary = warm_feature_cache(iter_record_cache_batches(settings.record_cache_path("validation")), warmed, frontend,
+                                 ExtractionConfig(workers=1, utterance_timeout_s=None))
+    cache = ShardedParquetFeatureCache(warmed)
+    ids = [r["utterance_id"] for r in RecordStore(settings.record_cache_path("validation")) if r["utterance_id"] in got]
+    assert ids and summary.written == len(ids)
+    for uid in ids:
+        np.testing.assert_array_equal(cache.load(uid), got[uid])
+
 
 def test_segments_through_pyav_and_worker_processes_equal_the_samples_cut_by_hand(recording, tmp_path):
     """Matroska/FLAC goes through PyAV (container.seek + trim by timestamps), in worker processes
