@@ -73,6 +73,7 @@ import threadpoolctl
 from ._fs import remove_stale_tmp
 from .audio import DecodeConfig, SegmentReader, load_audio
 from .errors import AsrAssetsError, ConfigError
+from .key_index import record_keys, records_in_shards
 from .feature_cache import (ShardWriter, ShardedParquetFeatureCache, cache_key, encode_payload, part_metadata, shard_dir,
                             shard_index, shard_lock)
 from .frontends import Frontend
@@ -287,17 +288,21 @@ def _featurize_timed(task: _Task) -> tuple[bytes | None, float, int, str | None,
 
 
 def plan_shard_tasks(store: RecordStore, frontend_hash: str, shards: Iterable[int], num_shards: int) -> dict[int, list[_Task]]:
-    """Records of ``store`` that fall in ``shards``, as tasks in record order."""
+    """Records of ``store`` that fall in ``shards``, as tasks in record order.
+
+    Only those records are read: the split's key index (:mod:`asr_assets.key_index`) says
+    which they are, so planning one shard of a 10M-record split parses 1/64 of its lines.
+    """
     wanted = set(shards)
     plan: dict[int, list[_Task]] = {s: [] for s in sorted(wanted)}
-    for item in store:
-        key = cache_key(item["utterance_id"], frontend_hash)
-        shard = shard_index(key, num_shards)
-        if shard in wanted:
-            source = item.get("audio_blob_abspath") or item.get("audio_path")
-            plan[shard].append(_Task(item["utterance_id"], source, item.get("audio_path"), shard, key,
-                                     int(item.get("num_samples") or 0), item.get("offset_seconds"),
-                                     item.get("duration_seconds")))
+    keys = record_keys(store, frontend_hash, num_shards)
+    for index, item in zip(chosen := records_in_shards(store, frontend_hash, wanted, num_shards),
+                           store.iter_indices(chosen)):
+        shard = int(keys.shards[index])
+        source = item.get("audio_blob_abspath") or item.get("audio_path")
+        plan[shard].append(_Task(item["utterance_id"], source, item.get("audio_path"), shard, keys.hex(index),
+                                 int(item.get("num_samples") or 0), item.get("offset_seconds"),
+                                 item.get("duration_seconds")))
     return plan
 
 
@@ -305,15 +310,21 @@ def shards_with_work(store: RecordStore, split_root: str | os.PathLike, frontend
                      known_failed: set[str] | frozenset = frozenset()) -> list[int]:
     """Shards in which :func:`extract_shards` would compute or tombstone something: a record
     whose key is not cached (and not in ``known_failed``, utterance ids that failed before), or a
-    key this frontend cached for a record that is gone. Reads the record store and each shard's
-    index (part footers), no payload."""
-    plan = plan_shard_tasks(store, frontend_hash, range(num_shards), num_shards)
+    key this frontend cached for a record that is gone. Reads the split's key index and each
+    shard's index (persisted, or part footers); no payload, and a record line only for a key
+    that is missing (to check it against ``known_failed``)."""
+    keys = record_keys(store, frontend_hash, num_shards)
     reader = ShardedParquetFeatureCache(split_root, num_shards)
     busy = []
-    for shard, tasks in plan.items():
+    for shard in range(num_shards):
+        members = np.flatnonzero(keys.shards == shard)
+        wanted = {keys.hex(i) for i in members}
         present = reader.keys(shard, frontend_hash=frontend_hash)
-        wanted = {task.key for task in tasks}
-        if present - wanted or any(t.key not in present and t.utterance_id not in known_failed for t in tasks):
+        if present - wanted:
+            busy.append(shard)
+            continue
+        missing = [int(i) for i in members if keys.hex(i) not in present]
+        if missing and any(item["utterance_id"] not in known_failed for item in store.iter_indices(missing)):
             busy.append(shard)
     return busy
 

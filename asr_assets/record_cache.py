@@ -28,7 +28,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -269,6 +269,14 @@ class RecordStore:
         with open(self.path, "rb") as handle:
             handle.seek(int(self.offsets[index]))
             return self._item(index, handle.readline())
+
+    def iter_indices(self, indices) -> "Iterator[dict]":
+        """The records at ``indices`` (ascending for sequential reads), through one open file."""
+        with open(self.path, "rb") as handle:
+            for index in indices:
+                index = int(index)
+                handle.seek(int(self.offsets[index]))
+                yield self._item(index, handle.readline())
 
     def __iter__(self):
         """All records in order, reading the JSONL sequentially (faster than indexing)."""
