@@ -64,6 +64,31 @@ def test_checks_are_unpartitioned_and_name_their_partitions(tmp_path):
     (evaluation,) = res.get_asset_check_evaluations()
     assert evaluation.passed and evaluation.metadata["splits"].value == ["train"]
     assert evaluation.metadata["records"].value["train"] == 20  # the bundled sample's train split
+    assert evaluation.metadata["up_to_date_not_reread"].value == []  # rebuilt: read in full
+
+
+def test_record_cache_check_does_not_reread_a_split_its_run_left_untouched(tmp_path, monkeypatch):
+    graph = build_graph(Settings.from_env(output=str(tmp_path / "out"), workers=1))
+    instance = dg.DagsterInstance.ephemeral()
+    everything = [graph.manifests, graph.record_cache, *graph.feature_assets, *graph.checks]
+    dg.materialize(everything, selection=[graph.record_cache], partition_key="train", instance=instance,
+                   resources=graph.resources)
+    jsonl = tmp_path / "out" / "record_cache" / "train.jsonl"
+    original = Path.read_bytes
+
+    def refuse(self):
+        if self == jsonl:
+            raise AssertionError("the check read the whole JSONL of an up-to-date split")
+        return original(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    res = dg.materialize(everything, selection=[graph.record_cache], partition_key="train", instance=instance,
+                         resources=graph.resources)
+    (mat,) = res.asset_materializations_for_node("record_cache")
+    (evaluation,) = res.get_asset_check_evaluations()
+    assert mat.metadata["up_to_date"].value and evaluation.passed
+    assert evaluation.metadata["up_to_date_not_reread"].value == ["train"]
+    assert evaluation.metadata["records"].value["train"] == 20
 
 
 def test_cli_runs_are_named_jobs_tagged_with_asset_and_split(tmp_path):

@@ -14,6 +14,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +110,10 @@ def test_markdown_has_the_numbers_and_three_png_plots(tmp_path):
         colours = np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)
         assert len(colours) > 10  # drawn, not a blank canvas
     assert "data:image" not in summary_markdown(summary, plots=False)
+
+
+def test_summary_imports_neither_dagster_nor_matplotlib():
+    code = ("import sys, asr_assets.summary; "
+            "print(sorted(m for m in ('dagster', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"  # matplotlib loads when a plot is drawn
