@@ -58,6 +58,7 @@ import os
 import pickle
 import resource
 import signal
+import struct
 import sys
 import threading
 import time
@@ -181,6 +182,23 @@ class ShardStats:
     worker_seconds: float = 0.0
     worker_peak_rss_mib: float = 0.0
     failures: list[Failure] = field(default_factory=list)
+    #: file names of the parts written in the shard's folder (features and tombstones)
+    part_names: list[str] = field(default_factory=list)
+    #: per-bin sum and sum of squares (float64 ``[feature_dim]``) over every frame computed
+    #: (``frames`` of them); None when nothing was computed
+    feature_sum: np.ndarray | None = None
+    feature_sumsq: np.ndarray | None = None
+
+    def add_moments(self, payload: bytes) -> None:
+        """Add the frames of one ``SFCF32L1`` payload to :attr:`feature_sum` / :attr:`feature_sumsq`."""
+        rows, cols = _PAYLOAD_SHAPE.unpack_from(payload, 8)
+        features = np.frombuffer(payload, dtype="<f4", count=rows * cols, offset=16).reshape(rows, cols)
+        if self.feature_sum is None:
+            self.feature_sum, self.feature_sumsq = np.zeros(cols), np.zeros(cols)
+        # float32 within one utterance (relative error <~1e-5, 3x faster than float64 in this
+        # serial main-process loop), float64 across utterances
+        self.feature_sum += features.sum(axis=0)
+        self.feature_sumsq += np.einsum("ij,ij->j", features, features)
 
     @property
     def xrt_per_core(self) -> float:
@@ -189,8 +207,12 @@ class ShardStats:
 
     def summary(self) -> dict:
         data = asdict(self)
-        data.pop("failures")
+        for name in ("failures", "feature_sum", "feature_sumsq"):
+            data.pop(name)
         return data
+
+
+_PAYLOAD_SHAPE = struct.Struct("<II")  # rows, cols after the 8-byte SFCF32L1 magic
 
 
 @dataclass(frozen=True)
@@ -420,6 +442,7 @@ def _extract_locked(plan, split_root, frontend: Frontend, fhash: str, config: Ex
                 trace(logger, "utterance_id=%s shard=%02d source=%s frames=%d audio=%.2f s", task.utterance_id,
                       task.shard, _label(task.source), frames, seconds)
                 writers[task.shard].add_payload(task.key, payload)
+                shard_stats.add_moments(payload)
                 shard_stats.computed += 1
                 shard_stats.audio_seconds += seconds
                 shard_stats.frames += frames
@@ -433,6 +456,7 @@ def _extract_locked(plan, split_root, frontend: Frontend, fhash: str, config: Ex
         for shard, writer in writers.items():
             writer.close()
             stats[shard].parts_written = len(writer.parts_written)
+            stats[shard].part_names = [p.name for p in writer.parts_written]
     return stats
 
 

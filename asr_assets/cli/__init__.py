@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
         configure(verbosity=args.verbose or 0)
         if args.command == "materialize":
-            return materialize(_settings(args))
+            return materialize(_settings(args), progress=args.progress)
         run = {"frontends": frontends, "compact": compact, "export": export, "record-cache": record_cache,
                "build-record-cache": record_cache, "warm": warm}[args.command]
         return run(args)
