@@ -558,6 +558,20 @@ class ShardedParquetFeatureCache:
             self._parts.move_to_end(part)
         return opened
 
+    @staticmethod
+    def _raw_payloads(part: Path, spans: Sequence[tuple[int, int]]) -> list[memoryview | None]:
+        """SFCF32L1 payloads at ``spans`` of one part: one ``pread`` each into a fresh writable
+        buffer; None where the chunk is not laid out as :func:`_raw_payload` expects."""
+        fd = os.open(part, os.O_RDONLY)
+        try:
+            out = []
+            for offset, length in spans:
+                chunk = bytearray(length)
+                out.append(_raw_payload(chunk) if os.preadv(fd, [chunk], offset) == length else None)
+            return out
+        finally:
+            os.close(fd)
+
     def _payloads(self, part: Path, rows: Sequence[int]) -> list[bytes | None]:
         """Payloads of ``rows`` of one part, reading each needed row group once."""
         opened = self._open(part)
@@ -602,19 +616,15 @@ class ShardedParquetFeatureCache:
             retry = []
             for part, located in raw.items():
                 try:
-                    fd = os.open(part, os.O_RDONLY)
+                    payloads = self._raw_payloads(part, [span for _, _, span in located])
                 except FileNotFoundError:
                     retry.extend(self._forget(keys, [i for i, _, _ in located]))
                     continue
-                try:
-                    for i, row, (offset, length) in located:
-                        chunk = bytearray(length)
-                        if os.preadv(fd, [chunk], offset) == length and (payload := _raw_payload(chunk)) is not None:
-                            results[i] = _decode_view(payload)
-                        else:  # not the layout we expected after all (a legacy payload ...): pyarrow reads it
-                            by_part.setdefault(part, []).append((i, row))
-                finally:
-                    os.close(fd)
+                for (i, row, _), payload in zip(located, payloads):
+                    if payload is not None:
+                        results[i] = _decode_view(payload)
+                    else:  # not the layout we expected after all (a legacy payload ...): pyarrow reads it
+                        by_part.setdefault(part, []).append((i, row))
             for part, located in by_part.items():
                 idxs = [i for i, _ in located]
                 try:
