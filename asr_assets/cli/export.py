@@ -18,6 +18,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     exp.add_argument("--split", required=True, choices=SPLITS, help="split to export")
     exp.add_argument("--frontend", metavar="NAME", default="squeezeformer",
                      help="frontend whose features to export, a name or a hash12 (default: squeezeformer)")
+    exp.add_argument("--output-name", metavar="NAME", default=None,
+                     help="for a frontend with named outputs: the (float) output to export")
     exp.add_argument("--backend", required=True, metavar="NAME", help="storage backend: numpy_memmap or hdf5")
     exp.add_argument("--to", required=True, metavar="DIR", help="the new store's folder (must not exist, or be empty)")
     return exp
@@ -54,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         held = ", ".join(f"{m['frontend'] or '?'} ({h})" for h, m in sorted(cached.items()))
         raise ConfigError(f"the feature cache {str(split_root)!r} holds no features of {args.frontend!r} ({wanted}); "
                           f"it holds: {held}")
-    summary = export_feature_store(split_root, args.to, backend=args.backend, frontend=frontend, record_cache=records)
+    summary = export_feature_store(split_root, args.to, backend=args.backend, frontend=frontend, record_cache=records,
+                                   output=args.output_name)
     what = f"{summary.frontend} {summary.frontend_hash}" if summary.frontend else summary.frontend_hash
     print(f"{args.split} [{what}] -> {summary.path} "
           f"({summary.storage_type}): {plural(summary.written, 'utterance')} written, {summary.missing} without "
