@@ -255,7 +255,8 @@ def _featurize_timed(task: _Task) -> tuple[bytes | dict[str, bytes] | None, floa
     try:
         features = frontend(samples, frontend.sample_rate)
         if frontend.outputs is not None:  # named outputs -> {name: payload}, all rows of one part
-            return _named_payloads(frontend.check_outputs(features)), seconds, _first_frames(features), None, None
+            outputs = frontend.check_outputs(features)  # in declared order
+            return _named_payloads(outputs), seconds, _first_frames(outputs), None, None
     except Exception as exc:
         return None, seconds, 0, "featurize", f"{type(exc).__name__}: {exc}"
     if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] != frontend.feature_dim:
