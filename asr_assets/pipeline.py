@@ -335,7 +335,7 @@ def feature_shards_with_work(settings: Settings, frontend: str | Frontend, split
     failed: set[str] = set()
     for shard in range(settings.num_shards):
         failed |= reported_failures(settings, fe.name, split, shard)
-    return shards_with_work(RecordStore(path), settings.feature_split_root(split), fe.frontend_hash(),
+    return shards_with_work(RecordStore(path), settings.feature_split_root(split), fe,
                             settings.num_shards, failed)
 
 
