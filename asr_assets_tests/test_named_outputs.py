@@ -439,3 +439,36 @@ def test_warm_refuses_and_export_takes_one_float_output(built, tmp_path):
         assert store.metadata["output"] == "ssl_feats" and store.metadata["source_dtype"] == "float16"
         for uid in ids:  # float16 -> float32 is exact
             assert np.array_equal(store.load(uid), cache.load(uid, fe, output="ssl_feats").astype(np.float32))
+
+
+def test_verify_feature_shard_counts_and_checks_named_outputs(built, monkeypatch):
+    """The feature check's library call (pipeline.verify_feature_shard) on a multi-output frontend:
+    every record is accounted for by all its output keys; a torn output in a new part is caught and
+    all of that record's outputs are tombstoned; parts the run did not write are not read."""
+    from asr_assets.extraction import plan_shard_tasks
+    from asr_assets.pipeline import verify_feature_shard
+
+    settings, _ = built
+    frontend = _frontend()
+    monkeypatch.setitem(frontends._FACTORIES, NAME, lambda **kw: _frontend())
+    store = RecordStore(settings.record_cache_path("train"))
+    plan = plan_shard_tasks(store, frontend.frontend_hash(), range(64), 64)
+    shard, tasks = next((s, t) for s, t in plan.items() if t)
+    root = settings.feature_split_root("train")
+    old = verify_feature_shard(settings, frontend, "train", shard, [], tasks)
+    assert (old.with_features, old.unaccounted, old.invalid, old.payloads_read) == (len(tasks), [], [], 0)
+    # a newer part with a wrong-dtype 'tokens' output (float32 instead of int32) for the first record
+    uid = tasks[0].utterance_id
+    keys = output_keys(uid, frontend)
+    with ShardWriter(root, shard, metadata=feature_cache.part_metadata(frontend)) as writer:
+        writer.add_payload(keys["tokens"], encode_features(np.zeros(3, np.float32)))
+    new = writer.parts_written[0].name
+    result = verify_feature_shard(settings, frontend, "train", shard, [new], tasks)
+    assert len(result.invalid) == 1 and uid in result.invalid[0] and "tokens" in result.invalid[0]
+    assert result.tombstoned == len(keys) and result.parts_read == 1
+    cache = ShardedParquetFeatureCache(root)
+    assert all(cache.load(uid, frontend, output=name) is None for name in OUTPUTS)
+    after = verify_feature_shard(settings, frontend, "train", shard, [], tasks)
+    assert after.unaccounted == [uid] and after.with_features == len(tasks) - 1
+    build_feature_shards(settings, frontend, "train", [shard])  # the next run computes it again
+    assert verify_feature_shard(settings, frontend, "train", shard, [], tasks).with_features == len(tasks)
