@@ -100,10 +100,12 @@ def test_cli_runs_are_named_jobs_tagged_with_asset_and_split(tmp_path):
     assert sorted(r.tags["asr/split"] for r in record_runs) == sorted(SPLITS)
     assert all(r.tags["asr/asset"] == "record_cache" and r.tags["dagster/partition"] == r.tags["asr/split"]
                for r in record_runs)
-    assert sorted(r.tags["asr/split"] for r in feature_runs) == sorted(SPLITS)
-    for r in feature_runs:  # one run per split, over the range of shards that had work
-        lo, hi = (int(x) for x in r.tags["asr/shards"].split("-"))
-        assert r.tags["asr/asset"] == "squeezeformer_features" and 0 <= lo <= hi <= 63
+    (feature_run,) = feature_runs  # one run for every split, over the range of shards that had work
+    lo, hi = (int(x) for x in feature_run.tags["asr/shards"].split("-"))
+    assert feature_run.tags["asr/asset"] == "squeezeformer_features" and 0 <= lo <= hi <= 63
+    assert feature_run.tags["asr/split"] == ",".join(SPLITS)
+    assert (feature_run.tags["dagster/asset_partition_range_start"], feature_run.tags["dagster/asset_partition_range_end"]) \
+        == (f"{lo:02d}|train", f"{hi:02d}|test")
     (summary_run,) = [r for r in runs if r.job_name == "summary_job"]  # one run over the splits that changed
     assert summary_run.tags["asr/asset"] == "split_summary" and summary_run.tags["asr/split"] == ",".join(SPLITS)
     assert not [r for r in runs if r.job_name == "__ephemeral_asset_job__"]

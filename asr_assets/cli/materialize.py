@@ -185,10 +185,12 @@ def materialize(settings: Settings, progress: bool | None = None) -> int:
             busy = shards_with_work()
         assets = ",".join(feature_asset_name(name) for name in settings.frontends)
         with progress_bars(enabled=progress, file=stderr):  # the real stderr, not the redirected one
-            for split, shards in busy.items():  # one run per split over the range of shards with work
-                lo, hi = shards[0], shards[-1]
-                ok = run(FEATURES_JOB, feature_partition_key(split, lo), feature_partition_key(split, hi),
-                         f"features of {split}", run_tags(assets, split, shards=f"{lo:02d}-{hi:02d}")) and ok
+            if busy:  # one run for every split: keys are shard-major ("07|train", "07|validation", ...)
+                lo, hi = min(s[0] for s in busy.values()), max(s[-1] for s in busy.values())
+                splits = [split for split in SPLITS if split in busy]
+                ok = run(FEATURES_JOB, feature_partition_key(splits[0], lo), feature_partition_key(splits[-1], hi),
+                         f"features of {', '.join(splits)}",
+                         run_tags(assets, ",".join(splits), shards=f"{lo:02d}-{hi:02d}")) and ok
         changed = [split for split in SPLITS if split in stale or split in busy]
         if changed:  # one run over the range of splits that changed
             ok = run(SUMMARY_JOB, changed[0], changed[-1], "split_summary",
