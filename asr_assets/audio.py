@@ -7,8 +7,12 @@ Public entry points:
     DecodeConfig: decoder options (FFmpeg fallback, duration cap, soxr quality, remote audio).
     decode_audio(source, *, hint, config) -> (samples, sample_rate) at the stream's own rate.
     resample(samples, sample_rate, target_rate, quality) -> samples of length ceil(n*dst/src).
-    load_audio(source, *, hint, config, target_rate) -> samples at ``target_rate``.
+    load_audio(source, *, hint, config, target_rate, offset_s, duration_s, reader) -> samples at
+        ``target_rate`` (of the whole file, or of one segment).
     probe_duration(source, *, hint, config) -> seconds, from the headers only.
+    decode_segment(source, offset_s, duration_s, *, hint, config, reader) -> (samples, sample_rate)
+        of one segment of a long recording, decoding only the segment (seek + trim).
+    SegmentReader: keeps the last few files open for many segments of one file (per worker).
 
 Decoding tries, in order (compatible with upstream spec section 4.1, see the notes per backend):
     1. soundfile (libsndfile): WAV/W64/RF64, FLAC, Ogg/Vorbis, Ogg/Opus, MP3, AIFF, AU, CAF, and
@@ -78,6 +82,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable, Iterator, NamedTuple, Union
 
 import numpy as np
@@ -101,6 +106,9 @@ __all__ = [
     "resample",
     "load_audio",
     "probe_duration",
+    "SEEK_PREROLL_S",
+    "SegmentReader",
+    "decode_segment",
 ]
 
 TARGET_SAMPLE_RATE = 16000
@@ -109,6 +117,13 @@ MIN_SAMPLE_RATE = 4000
 Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
 
 _BLOCK_FRAMES = 1 << 16  # soundfile read block (frames)
+#: Seconds decoded before a segment's start and dropped, for the libsndfile subtypes whose
+#: decoder needs past frames to give, after a seek, the samples of a decode from the start
+#: (MP3: the bit reservoir, the IMDCT overlap and the synthesis filter; measured exact to
+#: 1.2e-7 from 0.25 s on). Lossless formats and Vorbis/Opus (libsndfile's own seek pre-roll)
+#: seek without it.
+SEEK_PREROLL_S = 0.5
+_PREROLL_SUBTYPES = frozenset({"MPEG_LAYER_I", "MPEG_LAYER_II", "MPEG_LAYER_III"})
 _RAW_EXTENSIONS = {".raw", ".pcm"}
 _RAW_KWARGS = {"format": "RAW", "subtype": "PCM_16", "endian": "LITTLE", "samplerate": 16000,
                "channels": 1}
@@ -650,15 +665,22 @@ def _decode_soundfile(source: _Local, ext: str, config: DecodeConfig,
         limit = _max_frames(sample_rate, config.max_duration_s)
         blocks: list[np.ndarray] = []
         total = 0
-        buf = np.empty((_BLOCK_FRAMES, channels), dtype=np.float32)
+        chunk = _BLOCK_FRAMES
+        if str(f.subtype) in _PREROLL_SUBTYPES and 0 < f.frames < _UNKNOWN_FRAMES:
+            # libsndfile 1.2.2's MP3 decoder corrupts samples at some read boundaries (up to
+            # 0.25 full scale, a few ms each, at ~1 in 3 reads of 65536 frames; one read equals
+            # FFmpeg's decode to 2e-6): read it in one call, at most one block past the cap.
+            chunk = int(f.frames) if limit is None else min(int(f.frames), limit + 1)
+            chunk = max(chunk, 1)
+        buf = np.empty((chunk, channels), dtype=np.float32)
         while True:
             try:
-                n = f.read(frames=_BLOCK_FRAMES, dtype="float32", always_2d=True, out=buf).shape[0]
+                n = f.read(frames=chunk, dtype="float32", always_2d=True, out=buf).shape[0]
             except (sf.LibsndfileError, RuntimeError):
                 # Damaged stream (e.g. truncated FLAC "lost sync"): libsndfile raises after
                 # filling part of ``buf``; its position tells how many frames are valid.
                 try:
-                    n = min(max(f.tell() - total, 0), _BLOCK_FRAMES)
+                    n = min(max(f.tell() - total, 0), chunk)
                 except Exception:  # noqa: BLE001
                     n = 0
                 if total + n == 0:
@@ -1123,16 +1145,31 @@ def load_audio(
     hint: str | None = None,
     config: DecodeConfig = DecodeConfig(),
     target_rate: int = TARGET_SAMPLE_RATE,
+    offset_s: float | None = None,
+    duration_s: float | None = None,
+    reader: "SegmentReader | None" = None,
 ) -> np.ndarray:
     """Decode (:func:`decode_audio`) and resample (:func:`resample`) to ``target_rate``.
+
+    With ``offset_s`` (seconds, a segment of a long recording) only the segment
+    ``[offset_s, offset_s + duration_s)`` is decoded (:func:`decode_segment`, through ``reader``
+    if given, which keeps files open) and the cut segment is resampled like a whole clip: the
+    result is ``resample(decode_audio(source)[0][a:a + m], ...)`` with ``a = round(offset_s *
+    sr)``, ``m = round(duration_s * sr)`` at the file's native rate ``sr``.
 
     Returns:
         float32 array of shape ``(n,)`` at ``target_rate`` Hz, nominally in [-1, 1].
 
     Raises:
-        AudioDecodeError: as :func:`decode_audio`.
+        AudioDecodeError: as :func:`decode_audio` (:func:`decode_segment` for a segment).
+        ValueError: ``duration_s`` without ``offset_s`` or the other way round.
     """
-    samples, sample_rate = decode_audio(source, hint=hint, config=config)
+    if offset_s is not None or duration_s is not None:
+        if offset_s is None or duration_s is None:
+            raise ValueError("a segment needs both offset_s and duration_s")
+        samples, sample_rate = decode_segment(source, offset_s, duration_s, hint=hint, config=config, reader=reader)
+    else:
+        samples, sample_rate = decode_audio(source, hint=hint, config=config)
     return resample(samples, sample_rate, target_rate, quality=config.resample_quality)
 
 
@@ -1237,3 +1274,373 @@ def probe_duration(source: Source, *, hint: str | None = None,
     if len(links) > 1:
         return math.fsum(_probe_backends(_link(local, a, b), ext, name, config) for a, b in links)
     return _probe_backends(local, ext, name, config)
+
+
+# --------------------------------------------------------------------------- segments
+
+#: PyAV: seconds decoded before a segment's start (AAC/Opus/Vorbis decoders need the frames
+#: before; lossless ones do not care).
+_PYAV_PREROLL_S = 0.5
+#: Read on (and drop) instead of seeking when the segment starts at most this far after the
+#: open file's position: consecutive segments of one file then decode as one stream.
+_READ_ON_S = 0.25
+
+
+class _PastEnd(_Fatal):
+    pass
+
+
+def _segment_range(offset_s: float, duration_s: float, sample_rate: int) -> tuple[int, int]:
+    """``(start, n)`` samples at ``sample_rate``: ``round(offset_s * sr)``, ``round(duration_s * sr)``."""
+    return int(round(offset_s * sample_rate)), int(round(duration_s * sample_rate))
+
+
+def _to_mono(block: np.ndarray) -> np.ndarray:
+    return block[:, 0].copy() if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float32)
+
+
+class _SoundfileHandle:
+    """An open libsndfile stream (FLAC/MP3 length corrections applied) for segment reads."""
+
+    backend = "soundfile"
+
+    def __init__(self, local: _Local, ext: str, head: bytes):
+        self._stack = contextlib.ExitStack()
+        try:
+            raw = ext in _RAW_EXTENSIONS
+            overlay = None
+            if not raw:
+                # The whole file's true length (a segment is never capped by the file's length):
+                # FLAC from its last frame header, MP3 from walking its frame headers once per open.
+                overlay = _flac_overlay(_flac_length(local, head)) or _mp3_overlay(local, head, DecodeConfig())
+            target = self._stack.enter_context(_sf_input(local, overlay))
+            self.file = self._stack.enter_context(
+                sf.SoundFile(target, mode="r", **(_RAW_KWARGS if raw else {})))
+            self.sample_rate, self.channels = int(self.file.samplerate), int(self.file.channels)
+            _check_rate_channels(self.sample_rate, self.channels)
+            if not self.file.seekable():
+                raise ValueError("the stream is not seekable")
+        except BaseException:
+            self._stack.close()
+            raise
+        frames = int(self.file.frames)
+        self.frames = frames if 0 < frames < _UNKNOWN_FRAMES else None
+        lossy = str(self.file.subtype) in _PREROLL_SUBTYPES
+        self.preroll = int(round(SEEK_PREROLL_S * self.sample_rate)) if lossy else 0
+
+    def read(self, start: int, n: int, stats: dict) -> np.ndarray:
+        f = self.file
+        if self.frames is not None and start >= self.frames:
+            raise _PastEnd(f"starts at sample {start}, past the end of the file ({self.frames} samples, "
+                           f"{self.frames / self.sample_rate:.3f} s)")
+        pos = f.tell()
+        # Read on where that is exact: not MP3, whose decoder corrupts some read boundaries
+        # (see _decode_soundfile); a seek with pre-roll and one read is exact there.
+        if not self.preroll and pos <= start <= pos + int(_READ_ON_S * self.sample_rate):
+            first = pos  # read on: exactly a decode from the start
+        else:
+            first = start - min(start, self.preroll)
+            f.seek(first)
+            stats["seeks"] += 1
+        data = f.read(frames=start - first + n, dtype="float32", always_2d=True)
+        stats["frames_decoded"] += int(data.shape[0])
+        samples = _to_mono(data[start - first:])
+        if samples.size == 0:
+            raise _PastEnd(f"starts at sample {start}, past the end of the file")
+        return samples
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+class _PyAVHandle:
+    """An open PyAV container for segment reads: seek to a keyframe before the segment (minus a
+    pre-roll), decode on, place frames by their timestamps and trim to the sample."""
+
+    backend = "pyav"
+
+    def __init__(self, local: _Local | str, config: DecodeConfig):
+        self._stack = contextlib.ExitStack()
+        try:
+            self.container = self._stack.enter_context(_pyav_container(local, config))
+            if not self.container.streams.audio:
+                raise ValueError("no audio stream")
+            self.stream = self.container.streams.audio[0]
+            self.sample_rate = int(self.stream.codec_context.sample_rate or self.stream.rate or 0)
+            _check_rate_channels(self.sample_rate, int(self.stream.codec_context.channels or 1))
+            # Where sample 0 of a decode from the start is: the first decoded frame's timestamp.
+            # Also the frame grid: the length of the first two frames (the second starts right
+            # after the first), to place frames where timestamps are coarser than a sample.
+            self.origin, sizes = None, []
+            for packet in self.container.demux(self.stream):
+                for frame in packet.decode():
+                    if not frame.samples:
+                        continue
+                    if self.origin is None:
+                        if frame.pts is None or frame.time_base is None:
+                            raise ValueError("the container gives no timestamps, so a segment cannot be placed")
+                        self.origin = Fraction(frame.pts) * frame.time_base
+                    sizes.append(int(frame.samples))
+                if len(sizes) >= 2:
+                    break
+            if self.origin is None:
+                raise ValueError("no audio frames")
+            self.grid = (sizes[0], sizes[1]) if len(sizes) >= 2 else None
+        except BaseException:
+            self._stack.close()
+            raise
+        self.frames = None
+        self.preroll = int(round(_PYAV_PREROLL_S * self.sample_rate))
+
+    def read(self, start: int, n: int, stats: dict) -> np.ndarray:
+        for attempt in range(2):
+            target = 0 if attempt else start - min(start, self.preroll)
+            got = self._read_from(target, start, n, stats)
+            if got is not None:
+                return got
+        raise ValueError(f"seeking before sample {start} landed after it (container timestamps are unreliable)")
+
+    def _read_from(self, target: int, start: int, n: int, stats: dict) -> np.ndarray | None:
+        stream, sr = self.stream, self.sample_rate
+        pts = math.floor((Fraction(target, sr) + self.origin) / stream.time_base)
+        self.container.seek(pts, stream=stream, backward=True, any_frame=False)
+        stats["seeks"] += 1
+        blocks: list[np.ndarray] = []
+        pos: int | None = None  # sample index of the next decoded sample
+        end = start + n
+        for packet in self.container.demux(stream):
+            for frame in packet.decode():
+                if frame.samples == 0:
+                    continue
+                if pos is None:
+                    if frame.pts is None or frame.time_base is None:
+                        raise ValueError("the container gives no timestamps, so a segment cannot be placed")
+                    if int(frame.sample_rate or sr) != sr:
+                        raise ValueError(f"the stream changes its sample rate ({sr} -> {frame.sample_rate} Hz)")
+                    pos = self._place(Fraction(frame.pts) * frame.time_base - self.origin, frame)
+                    if pos > start:
+                        return None  # landed after the segment's start
+                stats["frames_decoded"] += frame.samples
+                lo, hi = max(start - pos, 0), min(end - pos, frame.samples)
+                if lo < hi:
+                    blocks.append(_frame_to_mono(frame)[lo:hi])
+                pos += frame.samples
+                if pos >= end:
+                    return np.concatenate(blocks).astype(np.float32, copy=False)
+        if not blocks:
+            raise _PastEnd(f"starts at sample {start}, past the end of the file"
+                           + (f" ({pos} samples, {pos / sr:.3f} s)" if pos is not None else ""))
+        return np.concatenate(blocks).astype(np.float32, copy=False)
+
+    def _place(self, seconds: Fraction, frame) -> int:
+        """The sample index of a frame that starts ``seconds`` after sample 0.
+
+        Where the time base is coarser than a sample (Matroska/WebM: 1 ms), the frame goes to the
+        nearest start on the stream's frame grid (frames of the second frame's length after the
+        first one), if that is within half a tick of the timestamp: exact for codecs with one
+        frame length (fixed-blocksize FLAC, AAC, MP3, Opus at one frame duration).
+        """
+        sr = self.sample_rate
+        pos = round(seconds * sr)
+        tick = self.stream.time_base * sr  # samples per time-base unit
+        if tick > 1 and self.grid is not None and frame.samples == self.grid[1] and pos > self.grid[0]:
+            first, size = self.grid
+            snapped = first + round(Fraction(pos - first, size)) * size
+            if abs(snapped - seconds * sr) <= tick / 2 + 1:
+                return snapped
+        return pos
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+class SegmentReader:
+    """Decodes segments of (long) recordings, keeping the last ``max_open`` files open.
+
+    A segment is the samples ``[round(offset_s * sr), round(offset_s * sr) + round(duration_s *
+    sr))`` of the file at its native rate ``sr`` (Python ``round``: half to even), channels
+    averaged, exactly what :func:`decode_audio` of the whole file would give for that range.
+    Only the segment is decoded:
+
+    * **soundfile** (WAV, FLAC, Ogg/Vorbis, Ogg/Opus, MP3, AIFF, ...): ``SoundFile.seek`` then
+      ``read``. MP3 seeks :data:`SEEK_PREROLL_S` before the start and drops those samples (its
+      decoder needs the frames before). A segment that starts at most 0.25 s (or the pre-roll)
+      after where the last read of that file ended is read on without a seek, so segments in
+      file order decode the file once, as one stream.
+    * **PyAV** (M4A/AAC, Matroska/WebM, ... when libsndfile cannot open the file, with
+      ``config.ffmpeg_fallback``): ``container.seek`` to a keyframe at least 0.5 s before the
+      start, decode on, place the first frame by its timestamp and count samples from there,
+      trimming to the sample. Exact where the container's timestamps resolve samples (MP4
+      time base 1/rate; Matroska's milliseconds when the codec's frames last whole ms).
+
+    Files are keyed by path, size and mtime, so a replaced file is opened again; embedded
+    bytes are opened for one call. Chained Ogg files are refused (libsndfile would seek within
+    the first link only). OpusTags-less Ogg/Opus files go to PyAV (no in-memory repair).
+
+    Attributes:
+        stats: ``{"opens", "seeks", "frames_decoded"}`` counters since creation
+            (``frames_decoded``: frames the decoders produced, pre-roll and skipped frames included).
+
+    Not thread-safe; one per worker process. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, max_open: int = 8):
+        if max_open < 1:
+            raise ValueError(f"max_open must be >= 1, got {max_open!r}")
+        self.max_open = int(max_open)
+        self._open: dict[tuple, object] = {}  # insertion order = least recently used first
+        self.stats = {"opens": 0, "seeks": 0, "frames_decoded": 0}
+
+    def __enter__(self) -> "SegmentReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:  # pickles (e.g. into DataLoader workers) without open files
+        return {"max_open": self.max_open, "_open": {}, "stats": dict.fromkeys(self.stats, 0)}
+
+    def close(self) -> None:
+        """Close every open file."""
+        handles, self._open = list(self._open.values()), {}
+        for handle in handles:
+            with contextlib.suppress(Exception):
+                handle.close()
+
+    def _drop(self, key: tuple | None, handle) -> None:
+        if key is not None:
+            self._open.pop(key, None)
+        with contextlib.suppress(Exception):
+            handle.close()
+
+    def _open_handle(self, source: Source, hint: str | None, name: str, config: DecodeConfig):
+        scheme = _url_scheme(source)
+        if scheme is not None:
+            url = _check_url(source, scheme, name, config)
+            try:
+                return _PyAVHandle(url, config)
+            except Exception as exc:  # noqa: BLE001
+                raise AudioDecodeError(name, f"pyav: {_remote_msg(exc, config)}") from exc
+        local = _local(source)
+        ext = _extension(source, hint)
+        head = _local_head(local, name)
+        if head.startswith(b"OggS") and ext not in _RAW_EXTENSIONS:
+            links = _ogg_links(local)
+            if len(links) > 1:
+                raise AudioDecodeError(name, f"chained Ogg file ({len(links)} links): segments of chained "
+                                             "files are not supported (re-encode it as one stream)")
+        failures: list[str] = []
+        last: BaseException | None = None
+        openers: list[tuple[str, Callable[[], object]]] = [("soundfile", lambda: _SoundfileHandle(local, ext, head))]
+        if config.ffmpeg_fallback:
+            openers.append(("pyav", lambda: _PyAVHandle(local, config)))
+        for backend, opener in openers:
+            try:
+                return opener()
+            except _Fatal as exc:
+                raise AudioDecodeError(name, f"{backend}: {_msg(exc)}") from exc
+            except Exception as exc:  # noqa: BLE001 - every backend failure is reported
+                failures.append(f"{backend}: {_msg(exc)}")
+                last = exc
+        if not config.ffmpeg_fallback:
+            failures.append("pyav: disabled (ffmpeg_fallback=False)")
+        raise AudioDecodeError(name, "; ".join(failures)) from last
+
+    def _key(self, source: Source, hint: str | None, config: DecodeConfig) -> tuple | None:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            return None
+        path = os.fspath(source)
+        options = (_extension(source, hint), config.ffmpeg_fallback, config.remote_audio)
+        if _url_scheme(source) is not None:
+            return (path, *options)
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            return None  # the open reports it
+        return (path, st.st_size, st.st_mtime_ns, *options)
+
+    def decode(self, source: Source, offset_s: float, duration_s: float, *, hint: str | None = None,
+               config: DecodeConfig = DecodeConfig()) -> tuple[np.ndarray, int]:
+        """The segment ``[offset_s, offset_s + duration_s)`` seconds of ``source``.
+
+        Args:
+            source: as :func:`decode_audio` (a local path, container bytes, or an http(s) URL
+                with ``config.remote_audio``).
+            offset_s: start in seconds from the start of the file (finite, >= 0).
+            duration_s: length in seconds (finite, > 0).
+            hint: as :func:`decode_audio`.
+            config: decoder options; ``max_duration_s`` caps the *segment* (refused before
+                anything is decoded), never the file.
+
+        Returns:
+            ``(samples, sample_rate)``: float32 ``(n,)`` at the file's native rate, with
+            ``n = round(duration_s * sample_rate)``, or fewer when the file ends inside the
+            segment (the caller's duration tolerance decides whether that is usable).
+
+        Raises:
+            AudioDecodeError: a negative, non-finite or empty segment; a segment longer than
+                ``max_duration_s``; one that starts at or past the end of the file; a file no
+                backend can open or seek in (a chained Ogg file, a container without
+                timestamps); NaN/Inf samples; and what :func:`decode_audio` refuses to open.
+        """
+        name = _describe(source, hint)
+        where = f"segment at {offset_s!r} s for {duration_s!r} s"
+        if not (isinstance(offset_s, (int, float)) and math.isfinite(offset_s) and offset_s >= 0):
+            raise AudioDecodeError(name, f"{where}: the offset must be a finite number of seconds >= 0")
+        if not (isinstance(duration_s, (int, float)) and math.isfinite(duration_s) and duration_s > 0):
+            raise AudioDecodeError(name, f"{where}: the duration must be a finite number of seconds > 0")
+        key = self._key(source, hint, config)
+        handle = self._open.pop(key, None) if key is not None else None
+        if handle is None:
+            handle = self._open_handle(source, hint, name, config)
+            self.stats["opens"] += 1
+        keep = key is not None
+        try:
+            sr = handle.sample_rate
+            start, n = _segment_range(offset_s, duration_s, sr)
+            if n < 1:
+                raise AudioDecodeError(name, f"{where}: shorter than one sample at {sr} Hz")
+            limit = _max_frames(sr, config.max_duration_s)
+            if limit is not None and n > limit:  # the cap is the segment's: refused before decoding
+                raise AudioDecodeError(name, f"{where}: longer than max_duration_s={config.max_duration_s} s "
+                                             f"({n / sr:.3f} s)")
+            try:
+                samples = handle.read(start, n, self.stats)
+            except _PastEnd as exc:
+                raise AudioDecodeError(name, f"{where}: {_msg(exc)}") from exc
+            except Exception as exc:  # noqa: BLE001 - the stream is in an unknown state: closed
+                keep = False
+                raise AudioDecodeError(name, f"{handle.backend}: {where}: {_msg(exc)}") from exc
+        finally:
+            if keep:
+                self._open[key] = handle  # most recently used last
+                while len(self._open) > self.max_open:
+                    old = next(iter(self._open))
+                    self._drop(old, self._open[old])
+            else:
+                self._drop(None, handle)
+        bad = int(samples.size - np.count_nonzero(np.isfinite(samples)))
+        if bad:
+            raise AudioDecodeError(name, f"{where}: {bad} of {samples.size} samples are non-finite (NaN/Inf)")
+        return samples, sr
+
+
+def decode_segment(source: Source, offset_s: float, duration_s: float, *, hint: str | None = None,
+                   config: DecodeConfig = DecodeConfig(),
+                   reader: SegmentReader | None = None) -> tuple[np.ndarray, int]:
+    """Decode only the segment ``[offset_s, offset_s + duration_s)`` seconds of ``source``.
+
+    See :class:`SegmentReader` (which seeks, which samples, which files stay open);
+    with ``reader`` None the file is opened for this call only.
+
+    Returns:
+        ``(samples, sample_rate)``: float32 ``(n,)`` at the native rate, ``n = round(duration_s *
+        sample_rate)`` (fewer when the file ends inside the segment).
+
+    Raises:
+        AudioDecodeError: as :meth:`SegmentReader.decode`.
+    """
+    if reader is not None:
+        return reader.decode(source, offset_s, duration_s, hint=hint, config=config)
+    with SegmentReader(max_open=1) as own:
+        return own.decode(source, offset_s, duration_s, hint=hint, config=config)

@@ -49,7 +49,7 @@ except ImportError as _exc:  # pragma: no cover - exercised by a subprocess test
 
 import numpy as np
 
-from .audio import DecodeConfig, load_audio
+from .audio import DecodeConfig, SegmentReader, load_audio
 from .errors import AsrAssetsError
 from .feature_cache import (
     DEFAULT_NUM_SHARDS,
@@ -164,7 +164,8 @@ class FeatureDataset(Dataset):
         ``"eager"`` (Ludwig's name): cached features only, read from
             ``<output>/feature-cache/<split>`` (the sharded Parquet cache); a miss raises
             :class:`FeaturesNotCachedError` naming the utterance, the frontend and the cache path.
-        ``"lazy"``: decoded from the record's audio (:func:`asr_assets.audio.load_audio`) and
+        ``"lazy"``: decoded from the record's audio (:func:`asr_assets.audio.load_audio`; for a
+            segment record only the segment, seeking in the long file) and
             computed by the frontend on every access, never written. The code path is the
             extractor's, so the result equals the cached features bit for bit.
         ``"lazy_cached"``: read from the cache; a miss is computed as in ``"lazy"`` and written
@@ -320,8 +321,16 @@ class FeatureDataset(Dataset):
         if source is None:
             raise fail("decode", "record has neither audio_path nor audio_blob_path")
         try:
-            samples = load_audio(source, hint=record.get("audio_path"), config=self.decode_config,
-                                 target_rate=fe.sample_rate)
+            if record.get("offset_seconds") is not None:  # a segment of a long recording: only it is decoded
+                reader = self.__dict__.get("_segments")
+                if reader is None:  # per process (pickles without open files): the last 4 files stay open
+                    reader = self._segments = SegmentReader(max_open=4)
+                samples = load_audio(source, hint=record.get("audio_path"), config=self.decode_config,
+                                     target_rate=fe.sample_rate, offset_s=record["offset_seconds"],
+                                     duration_s=record.get("duration_seconds"), reader=reader)
+            else:
+                samples = load_audio(source, hint=record.get("audio_path"), config=self.decode_config,
+                                     target_rate=fe.sample_rate)
         except Exception as exc:
             raise fail("decode", f"{type(exc).__name__}: {exc}") from exc
         expected_16k = int(record.get("num_samples") or 0)
@@ -377,7 +386,10 @@ class FeatureDataset(Dataset):
             present = self.cache.shard_entries(shard)
             todo = [(key, feats) for key, feats in rows.items() if present.get(key) is None]
             if todo:
-                writer = ShardWriter(self.feature_root, shard, rows_per_part=len(todo), metadata=self.part_metadata())
+                # many small write-backs: readers index the new parts from their footers, the
+                # persisted shard index is brought up to date by the next extraction/compaction
+                writer = ShardWriter(self.feature_root, shard, rows_per_part=len(todo), metadata=self.part_metadata(),
+                                     update_index=False)
                 for key, feats in todo:
                     writer.add(key, feats)
                 writer.close()

@@ -19,6 +19,7 @@ class Graph:
     manifests: dg.AssetSpec
     record_cache: dg.AssetsDefinition
     feature_assets: tuple
+    summary: dg.AssetsDefinition
     checks: tuple
     jobs: tuple
     sensors: tuple
@@ -32,7 +33,7 @@ def build_graph(settings: Settings) -> Graph:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=dg.BetaWarning)
         warnings.filterwarnings("ignore", category=dg.PreviewWarning)
-        from asr_assets.defs.assets import build_feature_asset, manifests, record_cache
+        from asr_assets.defs.assets import build_feature_asset, build_summary_asset, manifests, record_cache
         from asr_assets.defs.checks import build_feature_check, record_cache_consistent
         from asr_assets.defs.jobs import build_jobs
         from asr_assets.defs.resources import AsrAssetsConfig
@@ -40,10 +41,11 @@ def build_graph(settings: Settings) -> Graph:
 
         frontends = [settings.frontend(name) for name in settings.frontends]
         feature_assets = tuple(build_feature_asset(frontend) for frontend in frontends)
+        summary = build_summary_asset(frontends, feature_assets)
         checks = (record_cache_consistent, *(build_feature_check(f, a) for f, a in zip(frontends, feature_assets)))
-        sensors = (manifest_sensor, build_automation_sensor(feature_assets))
-        jobs = build_jobs(record_cache, feature_assets)
-    return Graph(manifests, record_cache, feature_assets, checks, jobs, sensors,
+        sensors = (manifest_sensor, build_automation_sensor((*feature_assets, summary)))
+        jobs = build_jobs(record_cache, feature_assets, summary)
+    return Graph(manifests, record_cache, feature_assets, summary, checks, jobs, sensors,
                  {"asr_config": AsrAssetsConfig.from_settings(settings)})
 
 
@@ -51,7 +53,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     """Assets, checks, sensors and resources for ``settings`` (default: from the environment)."""
     graph = build_graph(settings or Settings.from_env())
     return dg.Definitions(
-        assets=[graph.manifests, graph.record_cache, *graph.feature_assets],
+        assets=[graph.manifests, graph.record_cache, *graph.feature_assets, graph.summary],
         asset_checks=list(graph.checks),
         jobs=list(graph.jobs),
         sensors=list(graph.sensors),

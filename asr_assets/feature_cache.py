@@ -27,7 +27,7 @@ import struct
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -95,6 +95,12 @@ def decode_payload(payload: bytes) -> np.ndarray:
     if len(payload) != _HEADER.size + rows * cols * 4:
         raise CacheCorruptError(f"payload of {len(payload)} bytes does not hold {rows}x{cols} float32")
     return np.frombuffer(payload, dtype="<f4", offset=_HEADER.size).reshape(rows, cols).astype(np.float32)
+
+
+def _decode_view(payload: memoryview) -> np.ndarray:
+    """:func:`decode_payload` of a writable buffer, as a view of it (no copy)."""
+    _, rows, cols = _HEADER.unpack_from(payload)
+    return np.frombuffer(payload, dtype="<f4", offset=_HEADER.size, count=rows * cols).reshape(rows, cols)
 
 
 def decode_legacy_torch_payload(payload: bytes) -> np.ndarray:
@@ -172,14 +178,19 @@ class ShardWriter:
         shard: shard index.
         rows_per_part: rows per part file (upstream Rust: 256).
         metadata: extra Parquet key-value metadata (frontend name, hash, config repr ...).
+        update_index: on ``close()``, bring the shard's persisted index
+            (:func:`update_shard_index`) up to date with the parts written. (Default: True)
     """
 
-    def __init__(self, split_root: str | os.PathLike, shard: int, *, rows_per_part: int = 256, metadata: dict | None = None):
+    def __init__(self, split_root: str | os.PathLike, shard: int, *, rows_per_part: int = 256, metadata: dict | None = None,
+                 update_index: bool = True):
+        self.split_root, self.shard, self.update_index = split_root, shard, update_index
         self.directory = shard_dir(split_root, shard)
         self.rows_per_part = rows_per_part
         self.metadata = {"storage_type": "sharded_parquet", "format_version": "SFCF32L1", **(metadata or {})}
         self._pending: list[tuple[str, bytes | None, bool]] = []
         self.parts_written: list[Path] = []
+        self._indexed = 0
 
     def add(self, key: str, features: np.ndarray) -> None:
         """Queue ``features`` (float32 ``[frames, dims]``) under ``key``."""
@@ -213,6 +224,9 @@ class ShardWriter:
 
     def close(self) -> None:
         self.flush()
+        if self.update_index and len(self.parts_written) > self._indexed:
+            update_shard_index(self.split_root, self.shard)
+            self._indexed = len(self.parts_written)
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -232,7 +246,8 @@ def _binary_value(array: pa.Array, index: int) -> memoryview | None:
 
 
 class _Part:
-    """An open part: its ``ParquetFile`` and the first row of each row group."""
+    """An open part: its ``ParquetFile`` and the first row of each row group (the pyarrow read
+    path, for parts whose payloads cannot be read as raw byte ranges)."""
 
     __slots__ = ("file", "starts")
 
@@ -264,28 +279,166 @@ def _part_entries(parquet: pq.ParquetFile) -> tuple[list[str], list[bool]]:
     return table.column("key").to_pylist(), table.column("deleted").to_pylist()
 
 
+class PartIndex(NamedTuple):
+    """What a reader needs of one part, taken from its footer alone.
+
+    ``spans[row]`` is ``(byte offset, byte length)`` of the row's ``payload`` column chunk when
+    the part is laid out for raw reads (one row per row group, payload uncompressed, PLAIN, no
+    dictionary: parts written by :data:`PART_WRITE_OPTIONS`), else ``spans`` is None and rows
+    are read through pyarrow.
+    """
+
+    keys: list[str]
+    deleted: list[bool]
+    spans: list[tuple[int, int]] | None
+    frontend_hash: str | None
+
+
+_RAW_ENCODINGS = {"PLAIN", "RLE", "BIT_PACKED"}
+
+
+def index_part(path: str | os.PathLike) -> PartIndex:
+    """:class:`PartIndex` of a part, from its footer (its data pages are read only when the row
+    groups lack key statistics, e.g. parts of upstream's writers)."""
+    parquet = pq.ParquetFile(path, pre_buffer=False)
+    keys, deleted = _part_entries(parquet)
+    meta = parquet.metadata
+    names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+    spans = None
+    if "payload" in names and meta.num_row_groups == len(keys):
+        p = names.index("payload")
+        chunks = [meta.row_group(g).column(p) for g in range(meta.num_row_groups)]
+        if all(c.compression == "UNCOMPRESSED" and not c.has_dictionary_page and set(c.encodings) <= _RAW_ENCODINGS
+               for c in chunks):
+            spans = [(c.data_page_offset, c.total_compressed_size) for c in chunks]
+    return PartIndex(keys, deleted, spans, _frontend_hash_of(parquet.schema_arrow))
+
+
+def _raw_payload(chunk: bytearray) -> memoryview | None:
+    """The SFCF32L1 value at the end of a one-row ``payload`` column chunk, or None.
+
+    A PLAIN BYTE_ARRAY page ends with ``u32 LE length`` + the value; the value is accepted only
+    where that length, the magic and ``16 + rows*cols*4`` all agree with the chunk's end, so a
+    page header that differs from what pyarrow writes (statistics, CRC, v2 pages) is never
+    misread: it just falls back to pyarrow.
+    """
+    size = len(chunk)
+    at = chunk.find(MAGIC, 4, 1024)
+    while at != -1:
+        length = size - at
+        if int.from_bytes(chunk[at - 4:at], "little") == length and length >= _HEADER.size:
+            _, rows, cols = _HEADER.unpack_from(chunk, at)
+            if _HEADER.size + rows * cols * 4 == length:
+                return memoryview(chunk)[at:]
+        at = chunk.find(MAGIC, at + 1, 1024)
+    return None
+
+
+#: The persisted index of a shard (beside its parts; readers list ``part_*.parquet`` only, so
+#: upstream never sees it). One row per part row: part name, mtime_ns and size (an entry is
+#: used only while all three match the part on disk), key, deleted, raw payload span (-1: read
+#: through pyarrow) and the writer's frontend hash. Rewritten atomically by writers and
+#: compaction; a missing, stale or unreadable index only means footers are read instead.
+SHARD_INDEX_NAME = ".asr_assets_index.parquet"
+_INDEX_SCHEMA = pa.schema([("part", pa.string()), ("mtime_ns", pa.int64()), ("size", pa.int64()),
+                           ("frontend_hash", pa.string()), ("key", pa.string()), ("deleted", pa.bool_()),
+                           ("offset", pa.int64()), ("length", pa.int64())])
+_Signature = tuple[str, int, int]
+
+
+def _signature(path: Path) -> _Signature:
+    st = path.stat()
+    return path.name, st.st_mtime_ns, st.st_size
+
+
+def read_shard_index(directory: Path) -> dict[_Signature, PartIndex]:
+    """The persisted :data:`SHARD_INDEX_NAME` of a shard as ``{(part, mtime_ns, size): PartIndex}``
+    ({} when missing or unreadable)."""
+    try:
+        table = pq.read_table(directory / SHARD_INDEX_NAME)
+        if not table.schema.equals(_INDEX_SCHEMA):
+            return {}
+    except (OSError, pa.ArrowException):
+        return {}
+    out: dict[_Signature, PartIndex] = {}
+    cols = [table.column(n).to_pylist() for n in _INDEX_SCHEMA.names]
+    for part, mtime, size, fh, key, dead, offset, length in zip(*cols):
+        entry = out.get((part, mtime, size))
+        if entry is None:
+            entry = out[(part, mtime, size)] = PartIndex([], [], [] if offset >= 0 else None, fh)
+        entry.keys.append(key)
+        entry.deleted.append(dead)
+        if entry.spans is not None:
+            entry.spans.append((offset, length))
+    return out
+
+
+def update_shard_index(split_root: str | os.PathLike, shard: int) -> Path | None:
+    """Rewrite a shard's persisted index (:data:`SHARD_INDEX_NAME`) to cover its current parts.
+
+    Entries of unchanged parts are reused and only new parts' footers are read; the file is
+    replaced atomically. Called after extraction, tombstoning and compaction of the shard.
+    Best effort: returns None (and logs) when the shard cannot be written.
+    """
+    directory = shard_dir(split_root, shard)
+    try:
+        with file_lock(directory / ".lock-index"):
+            known = read_shard_index(directory)
+            rows: dict[str, list] = {n: [] for n in _INDEX_SCHEMA.names}
+            for part in list_parts(directory):
+                sig = _signature(part)
+                entry = known.get(sig) or index_part(part)
+                n = len(entry.keys)
+                for name, values in zip(("part", "mtime_ns", "size", "frontend_hash"), (*sig, entry.frontend_hash)):
+                    rows[name].extend([values] * n)
+                rows["key"].extend(entry.keys)
+                rows["deleted"].extend(entry.deleted)
+                spans = entry.spans or [(-1, -1)] * n
+                rows["offset"].extend(o for o, _ in spans)
+                rows["length"].extend(s for _, s in spans)
+            target = directory / SHARD_INDEX_NAME
+            tmp = directory / f"{SHARD_INDEX_NAME}{tmp_suffix()}"
+            try:
+                pq.write_table(pa.table(rows, schema=_INDEX_SCHEMA), tmp, compression="zstd")
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+            return target
+    except (OSError, pa.ArrowException) as exc:  # a part vanished mid-way, read-only storage ...
+        logger.debug("shard index of %s not updated: %s", directory, exc)
+        return None
+
+
 class ShardedParquetFeatureCache:
     """Reader of one split's feature cache, with upstream read semantics (spec §3.5).
 
     The newest part (by ``(mtime_ns, name)``) that holds a key decides; within a part the last
     row of the key wins; a tombstone (``deleted`` or null payload) means "absent".
 
-    Built for training-time random access: a shard's index (key -> part, row) is built once and
-    re-validated (one listing and stat of the shard) at most every ``refresh_interval_s``
-    seconds or on :meth:`refresh`; up to ``max_open_parts`` parts stay open; a load reads only
-    the row group of its utterance (one row per row group in parts written here, see
-    :data:`PART_WRITE_OPTIONS`; older parts with big row groups are read correctly, slower). A
-    part that compaction removed meanwhile makes the shard re-list and the load retry, so a
-    reader stays safe while parts appear or are compacted away. Not thread-safe: use one per
-    thread or DataLoader worker (it opens files lazily and pickles without open handles).
+    Built for training-time random access:
+
+    * a shard's index (key -> part, row, payload byte range) is built once and re-validated (one
+      listing and stat of the shard) at most every ``refresh_interval_s`` seconds or on
+      :meth:`refresh`. It comes from the shard's persisted index (:data:`SHARD_INDEX_NAME`,
+      kept by the writers) for the parts it covers, and from the footers of the others; an
+      appended part costs one footer, not a rebuild;
+    * a load of a part written here (:data:`PART_WRITE_OPTIONS`) is one ``pread`` of its
+      payload's column chunk into the returned array's buffer (:class:`PartIndex`); other
+      parts (upstream's writers, legacy payloads) are read through pyarrow, up to
+      ``max_open_parts`` of them kept open;
+    * a part that compaction removed meanwhile makes the shard re-list and the load retry, so a
+      reader stays safe while parts appear or are compacted away.
+
+    Not thread-safe: use one per thread or DataLoader worker (it opens files lazily and pickles
+    without open handles or indexes).
 
     Args:
         split_root: ``<output>/feature-cache/<split>``.
         num_shards: 64 unless the cache was written with another count.
         refresh_interval_s: how stale a shard's index may get before it is re-validated; 0
             re-validates on every load (the pre-0.2 behaviour). (Default: 5.0)
-        max_open_parts: open ``ParquetFile`` handles kept (LRU; ~0.7 MB each for a 256-row
-            part). (Default: 128)
+        max_open_parts: open ``ParquetFile`` handles kept for parts read through pyarrow
+            (LRU; ~0.7 MB each for a 256-row part). (Default: 128)
 
     Example::
 
@@ -302,11 +455,12 @@ class ShardedParquetFeatureCache:
         self._index: dict[int, tuple] = {}
         self._checked: dict[int, float] = {}
         self._parts: OrderedDict[Path, _Part] = OrderedDict()
+        self._part_indexes: dict[int, dict[_Signature, PartIndex]] = {}
         self._hashes: dict[str, str] = {}
 
     def __getstate__(self) -> dict:  # no open files across processes (DataLoader workers)
         state = self.__dict__.copy()
-        state.update(_index={}, _checked={}, _parts=OrderedDict())
+        state.update(_index={}, _checked={}, _parts=OrderedDict(), _part_indexes={})
         return state
 
     def _frontend_hash(self, frontend) -> str:
@@ -342,7 +496,8 @@ class ShardedParquetFeatureCache:
         """Live view of one shard: ``{key: (part path, row) or None for a tombstone}``."""
         return self._shard(shard)[1]
 
-    def _shard(self, shard: int) -> tuple[tuple, dict[str, tuple[Path, int] | None], dict[Path, str | None]]:
+    def _shard(self, shard: int) -> tuple[tuple, dict[str, tuple[Path, int] | None], dict[Path, str | None],
+                                          dict[str, tuple[int, int]]]:
         cached = self._index.get(shard)
         now = time.monotonic()
         if cached is not None and now - self._checked.get(shard, -math.inf) < self.refresh_interval_s:
@@ -358,26 +513,38 @@ class ShardedParquetFeatureCache:
         raise AssertionError("unreachable")
 
     def _build_shard(self, shard: int):
-        parts = list_parts(shard_dir(self.split_root, shard))
-        signature = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in parts)
+        directory = shard_dir(self.split_root, shard)
+        parts = list_parts(directory)
+        signature = tuple(_signature(p) for p in parts)
         cached = self._index.get(shard)
         if cached is not None and cached[0] == signature:
             return cached
+        # part indexes of the previous build, then the persisted index, then the footers
+        known = self._part_indexes.get(shard, {})
+        if any(sig not in known for sig in signature):
+            known = {**read_shard_index(directory), **known}
         entries: dict[str, tuple[Path, int] | None] = {}
+        spans: dict[str, tuple[int, int]] = {}
         owners: dict[Path, str | None] = {}
-        for part in parts:  # oldest first: later rows override earlier ones
-            parquet = self._open(part).file
-            owners[part] = _frontend_hash_of(parquet.schema_arrow)
-            keys, deleted = _part_entries(parquet)
-            for row, (key, dead) in enumerate(zip(keys, deleted)):
+        used: dict[_Signature, PartIndex] = {}
+        for part, sig in zip(parts, signature):  # oldest first: later rows override earlier ones
+            entry = known.get(sig) or index_part(part)
+            used[sig] = entry
+            owners[part] = entry.frontend_hash
+            for row, (key, dead) in enumerate(zip(entry.keys, entry.deleted)):
                 entries[key] = None if dead else (part, row)
-        self._index[shard] = (signature, entries, owners)
+                if entry.spans is not None:
+                    spans[key] = entry.spans[row]
+                else:
+                    spans.pop(key, None)
+        self._part_indexes[shard] = used
+        self._index[shard] = (signature, entries, owners, spans)
         return self._index[shard]
 
     def keys(self, shard: int, frontend_hash: str | None = None) -> set[str]:
         """Keys with live (non-tombstoned) features in a shard; with ``frontend_hash``, only
         those written by asr_assets for that frontend (parts carry it in their metadata)."""
-        _, entries, owners = self._shard(shard)
+        _, entries, owners, _ = self._shard(shard)
         return {k for k, v in entries.items() if v is not None and (frontend_hash is None or owners.get(v[0]) == frontend_hash)}
 
     def _open(self, part: Path) -> _Part:
@@ -410,28 +577,50 @@ class ShardedParquetFeatureCache:
         return self.load_keys([key])[0]
 
     def load_keys(self, keys: Sequence[str]) -> list[np.ndarray | None]:
-        """:meth:`load_key` for several keys, grouped by part (each row group read once)."""
+        """:meth:`load_key` for several keys, grouped by part (each row group read once).
+
+        A payload laid out for raw reads (:class:`PartIndex`) is one ``pread`` of its column
+        chunk into a writable buffer (the returned array is a view of it: no further copy);
+        other parts are read through pyarrow.
+        """
         results: list[np.ndarray | None] = [None] * len(keys)
         pending = list(range(len(keys)))
         for attempt in range(3):
             # (key index, row) per part, from one index lookup per key: a second lookup could
             # meet a rebuilt index and take a row of another part
             by_part: dict[Path, list[tuple[int, int]]] = {}
+            raw: dict[Path, list[tuple[int, int, tuple[int, int]]]] = {}
             for i in pending:
-                where = self.shard_index_of(keys[i]).get(keys[i])
+                _, entries, _, spans = self._shard(shard_index(keys[i], self.num_shards))
+                where = entries.get(keys[i])
                 if where is not None:
-                    by_part.setdefault(where[0], []).append((i, where[1]))
+                    span = spans.get(keys[i])
+                    if span is not None:
+                        raw.setdefault(where[0], []).append((i, where[1], span))
+                    else:
+                        by_part.setdefault(where[0], []).append((i, where[1]))
             retry = []
+            for part, located in raw.items():
+                try:
+                    fd = os.open(part, os.O_RDONLY)
+                except FileNotFoundError:
+                    retry.extend(self._forget(keys, [i for i, _, _ in located]))
+                    continue
+                try:
+                    for i, row, (offset, length) in located:
+                        chunk = bytearray(length)
+                        if os.preadv(fd, [chunk], offset) == length and (payload := _raw_payload(chunk)) is not None:
+                            results[i] = _decode_view(payload)
+                        else:  # not the layout we expected after all (a legacy payload ...): pyarrow reads it
+                            by_part.setdefault(part, []).append((i, row))
+                finally:
+                    os.close(fd)
             for part, located in by_part.items():
                 idxs = [i for i, _ in located]
                 try:
                     payloads = self._payloads(part, [row for _, row in located])
                 except FileNotFoundError:  # compacted away since the index was built
-                    for i in idxs:
-                        shard = shard_index(keys[i], self.num_shards)
-                        self._index.pop(shard, None)
-                        self._checked.pop(shard, None)
-                    retry.extend(idxs)
+                    retry.extend(self._forget(keys, idxs))
                     continue
                 for i, payload in zip(idxs, payloads):
                     if payload is not None:
@@ -443,6 +632,14 @@ class ShardedParquetFeatureCache:
                 raise FileNotFoundError(f"parts of {self.split_root} kept vanishing while reading")
             pending = retry
         return results
+
+    def _forget(self, keys: Sequence[str], idxs: list[int]) -> list[int]:
+        """Drop the indexes of the shards of ``keys[idxs]`` (a part vanished); returns ``idxs``."""
+        for i in idxs:
+            shard = shard_index(keys[i], self.num_shards)
+            self._index.pop(shard, None)
+            self._checked.pop(shard, None)
+        return idxs
 
     def load(self, utterance_id: str, frontend="squeezeformer") -> np.ndarray | None:
         """float32 ``[frames, dims]`` of an utterance for a frontend, or None if not cached.
@@ -499,8 +696,15 @@ def _part_frontend_hash(part: Path) -> str | None:
     return _frontend_hash_of(pq.read_schema(part))
 
 
-def compact_shard(split_root: str | os.PathLike, shard: int, frontend_hash: str) -> dict:
-    """Merge the parts one frontend wrote in a shard into one part: newest row per key, tombstones dropped.
+#: Rows per part written by compaction: a part's footer holds one row group per row (~200 bytes
+#: each), so one part for a shard of 80k rows would have a ~16 MB footer to parse on a cold read.
+COMPACT_ROWS_PER_PART = 4096
+
+
+def compact_shard(split_root: str | os.PathLike, shard: int, frontend_hash: str, *,
+                  rows_per_part: int = COMPACT_ROWS_PER_PART) -> dict:
+    """Merge the parts one frontend wrote in a shard into parts of at most ``rows_per_part``
+    rows: newest row per key, tombstones dropped.
 
     Safe against concurrent readers: the merged part is renamed into place (with the newest
     input's mtime, so parts written later still win) before the inputs are removed, and readers
@@ -527,15 +731,19 @@ def compact_shard(split_root: str | os.PathLike, shard: int, frontend_hash: str)
                     live[key] = payload
         result = {"parts_before": len(parts), "parts_after": len(parts), "rows_before": rows_before,
                   "rows_after": rows_before, "tombstones_dropped": 0}
-        if len(parts) <= 1 and rows_before == len(live):
+        needed = math.ceil(len(live) / rows_per_part)
+        if len(parts) <= needed and rows_before == len(live):
             return result  # already compact
-        if live:
-            table = pa.table({"key": list(live), "payload": list(live.values()), "deleted": [False] * len(live)}, schema=SCHEMA)
-            newest = max(p.stat().st_mtime_ns for p in parts)
+        newest = max(p.stat().st_mtime_ns for p in parts)
+        keys = list(live)
+        for start in range(0, len(keys), rows_per_part):  # disjoint keys: their order does not matter
+            chunk = keys[start:start + rows_per_part]
+            table = pa.table({"key": chunk, "payload": [live[k] for k in chunk], "deleted": [False] * len(chunk)}, schema=SCHEMA)
             _write_part(directory, table.replace_schema_metadata(metadata), mtime_ns=newest, prefix="part_compact_")
         for part in parts:
             part.unlink()
-        return {"parts_before": len(parts), "parts_after": 1 if live else 0, "rows_before": rows_before,
+        update_shard_index(split_root, shard)
+        return {"parts_before": len(parts), "parts_after": needed, "rows_before": rows_before,
                 "rows_after": len(live), "tombstones_dropped": int(tombstones)}
 
 

@@ -46,7 +46,7 @@ class ManifestBatch:
 
     The fields are those of :class:`~asr_assets.manifests.ManifestRow`, per row; the optional
     columns are None when no row of the batch has a value (``audio_bytes``, ``audio_error``,
-    ``duration_error``, ``transcript_error``).
+    ``duration_error``, ``transcript_error``, ``offset_s``, ``offset_error``).
     """
 
     source: str
@@ -62,6 +62,8 @@ class ManifestBatch:
     audio_error: list[str | None] | None = None
     duration_error: list[str | None] | None = None
     transcript_error: list[str | None] | None = None
+    offset_s: list[float | None] | None = None
+    offset_error: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.row_number)
@@ -74,6 +76,7 @@ class ManifestBatch:
             self.duration_s[i], self.duration_error[i] if self.duration_error else None,
             self.audio_error[i] if self.audio_error else None, self.file_row[i],
             self.transcript_error[i] if self.transcript_error else None,
+            self.offset_s[i] if self.offset_s else None, self.offset_error[i] if self.offset_error else None,
         )
 
     @classmethod
@@ -85,7 +88,8 @@ class ManifestBatch:
         return cls(source, manifest, [r.row_number for r in rows], [r.file_row for r in rows],
                    [r.utterance_id for r in rows], [r.audio_path for r in rows], [r.transcript for r in rows],
                    [r.speaker_id for r in rows], [r.duration_s for r in rows], column("audio_bytes"),
-                   column("audio_error"), column("duration_error"), column("transcript_error"))
+                   column("audio_error"), column("duration_error"), column("transcript_error"), column("offset_s"),
+                   column("offset_error"))
 
 
 @dataclass
@@ -170,6 +174,7 @@ def _tsv_batches(path: Path, source: str, base: Path, counter: int, batch_rows: 
         width = len(names)
         ti = names.index(wanted["transcript"])
         di = names.index(wanted["duration"]) if "duration" in wanted else None
+        oi = names.index(wanted["offset"]) if "offset" in wanted else None
         ii = names.index(wanted["id"]) if "id" in wanted else None
         pi = names.index(wanted["path"]) if "path" in wanted else None
         si = [names.index(c) for c in speakers]
@@ -189,7 +194,8 @@ def _tsv_batches(path: Path, source: str, base: Path, counter: int, batch_rows: 
             nonlocal counter, cells_rows, numbers
             if not cells_rows:
                 return None
-            batch = _tsv_batch(cells_rows, numbers, source, manifest, counter, ti, di, ii, pi, si, ai, base, base_prefix)
+            batch = _tsv_batch(cells_rows, numbers, source, manifest, counter, ti, di, oi, ii, pi, si, ai, base,
+                               base_prefix)
             counter += len(cells_rows)
             cells_rows, numbers = [], []
             return batch
@@ -244,8 +250,8 @@ def _fast_join(base: Path, base_prefix: str, value: str) -> str:
 
 
 def _tsv_batch(rows: list[list[str]], numbers: list[int], source: str, manifest: str, counter: int,
-               ti: int, di: int | None, ii: int | None, pi: int | None, si: list[int], ai: int | None,
-               base: Path, base_prefix: str) -> ManifestBatch:
+               ti: int, di: int | None, oi: int | None, ii: int | None, pi: int | None, si: list[int],
+               ai: int | None, base: Path, base_prefix: str) -> ManifestBatch:
     n = len(rows)
     transcript = [r[ti] or None for r in rows]
     if ii is None:
@@ -278,22 +284,35 @@ def _tsv_batch(rows: list[list[str]], numbers: list[int], source: str, manifest:
             else [c if c and not c.isspace() else None for c in (r[si[0]] for r in rows)]
     else:
         speakers = [None] * n
-    durations: list = [None] * n
-    duration_error = None
-    if di is not None:
-        for k, r in enumerate(rows):
-            text = r[di]
-            if text:
-                text = text.strip()
-                if text:
-                    try:
-                        durations[k] = float(text)
-                    except ValueError:
-                        if duration_error is None:
-                            duration_error = [None] * n
-                        duration_error[k] = f"unparseable duration {text[:100]!r}"
+    durations, duration_error = _seconds_column(rows, di, "duration")
+    offsets, offset_error = _seconds_column(rows, oi, "offset") if oi is not None else (None, None)
+    if offsets is not None and not any(v is not None for v in offsets):
+        offsets = None
     return ManifestBatch(source, manifest, list(range(counter + 1, counter + n + 1)), numbers, ids, paths,
-                         transcript, speakers, durations, None, audio_error, duration_error, None)
+                         transcript, speakers, durations, None, audio_error, duration_error, None, offsets,
+                         offset_error)
+
+
+def _seconds_column(rows: list[list[str]], index: int | None, what: str) -> tuple[list, list | None]:
+    """Cell ``index`` of every row as ``manifests._parse_duration(cell, what)`` parses a TSV cell:
+    (seconds or None per row, the parse errors or None when there is none)."""
+    n = len(rows)
+    values: list = [None] * n
+    errors = None
+    if index is None:
+        return values, errors
+    for k, r in enumerate(rows):
+        text = r[index]
+        if text:
+            text = text.strip()
+            if text:
+                try:
+                    values[k] = float(text)
+                except ValueError:
+                    if errors is None:
+                        errors = [None] * n
+                    errors[k] = f"unparseable {what} {text[:100]!r}"
+    return values, errors
 
 
 # ----------------------------------------------------------------------------- Parquet

@@ -13,8 +13,9 @@ otherwise all its Parquet files. Relative audio paths are resolved against the r
 contributed them (a folder itself, or a file's parent folder) unless ``source_base`` is given.
 
 Columns (first present wins): transcript ``sentence|transcript|transcription|text|normalized_text``;
-duration (s) ``duration|duration_seconds|audio_duration``; speaker ``client_id|speaker_id|speaker``;
-id ``id|utterance_id``; audio ``path`` (string) or ``audio`` (Hugging Face ``{bytes, path}``
+duration (s) ``duration|duration_seconds|audio_duration``; segment offset (s) ``offset|start``
+(a row with an offset is a segment of ``duration`` seconds into its audio file, see
+:attr:`ManifestRow.offset_s`); speaker ``client_id|speaker_id|speaker``; id ``id|utterance_id``; audio ``path`` (string) or ``audio`` (Hugging Face ``{bytes, path}``
 struct, or plain binary). A file without a transcript column or without an audio column cannot
 give a single record: it is a file-level problem (:class:`~asr_assets.errors.ManifestColumnsError`
 naming the columns found and expected), reported like an unreadable file. So is a file in which a
@@ -55,6 +56,7 @@ from .errors import ManifestColumnsError, ManifestError
 
 TRANSCRIPT_COLUMNS = ("sentence", "transcript", "transcription", "text", "normalized_text")
 DURATION_COLUMNS = ("duration", "duration_seconds", "audio_duration")
+OFFSET_COLUMNS = ("offset", "start")
 SPEAKER_COLUMNS = ("client_id", "speaker_id", "speaker")
 ID_COLUMNS = ("id", "utterance_id")
 AUDIO_COLUMNS = ("path", "audio")
@@ -86,6 +88,11 @@ class ManifestRow:
             (the header is line 1), the 1-based row index for Parquet.
         transcript_error: why a present transcript cell is not text (a Parquet number, binary
             that is not UTF-8), or None.
+        offset_s: the ``offset``/``start`` cell in seconds, or None when the column is absent or
+            the cell is empty. A row with an offset is a *segment*: samples from ``offset_s`` for
+            ``duration_s`` seconds of its audio file (LibriHeavy/GigaSpeech layout); a row without
+            one is the whole file, as before (its duration only describes the file).
+        offset_error: why a present offset cell could not be parsed, or None.
     """
 
     source: str
@@ -101,6 +108,8 @@ class ManifestRow:
     audio_error: str | None = None
     file_row: int = 0
     transcript_error: str | None = None
+    offset_s: float | None = None
+    offset_error: str | None = None
 
 
 class SkippedManifest(ManifestError):
@@ -289,6 +298,7 @@ def _used_columns(path: str | os.PathLike, names: Sequence[str]) -> tuple[dict[s
     wanted = {
         "transcript": _first_column(names, TRANSCRIPT_COLUMNS),
         "duration": _first_column(names, DURATION_COLUMNS),
+        "offset": _first_column(names, OFFSET_COLUMNS),
         "id": _first_column(names, ID_COLUMNS),
         "path": "path" if "path" in names else None,
         "audio": "audio" if "audio" in names else None,
@@ -326,13 +336,13 @@ def _clean_str(value) -> str | None:
     return text if text is not None and text.strip() else None
 
 
-def _parse_duration(value) -> tuple[float | None, str | None]:
+def _parse_duration(value, what: str = "duration") -> tuple[float | None, str | None]:
     if value is None:
         return None, None
     if type(value) is float:
         return value, None
     if isinstance(value, bool):
-        return None, f"duration is a boolean ({value!r}), not a number of seconds"
+        return None, f"{what} is a boolean ({value!r}), not a number of seconds"
     if isinstance(value, (int, float)):
         return float(value), None
     text = _text(value)
@@ -342,7 +352,7 @@ def _parse_duration(value) -> tuple[float | None, str | None]:
     try:
         return float(text), None
     except ValueError:
-        return None, f"unparseable duration {text[:100]!r}"
+        return None, f"unparseable {what} {text[:100]!r}"
 
 
 def _resolve(path_value: str | None, base: Path) -> str | None:
@@ -649,6 +659,7 @@ def _make_row(cells: dict, source: str, manifest: str, counter: int, file_row: i
         audio_bytes = cells.get("audio_bytes") or None
         audio_error = cells.get("audio_error")
     duration, duration_error = _parse_duration(cells.get("duration"))
+    offset, offset_error = _parse_duration(cells.get("offset"), "offset")
     raw_id = _clean_str(cells.get("id"))
     transcript, transcript_error = cells.get("transcript"), None
     if transcript is not None and type(transcript) is not str:
@@ -671,6 +682,8 @@ def _make_row(cells: dict, source: str, manifest: str, counter: int, file_row: i
         audio_error=audio_error,
         file_row=file_row,
         transcript_error=transcript_error,
+        offset_s=offset,
+        offset_error=offset_error,
     )
 
 

@@ -211,7 +211,7 @@ class RecordCacheResult:
 
 #: Bump when the record-building code changes what a manifest row becomes: every split is then
 #: rebuilt once although its inputs did not change.
-RECORD_CACHE_CODE_VERSION = "2"
+RECORD_CACHE_CODE_VERSION = "3"  # 3: segment rows (offset/start column); the one-pass build writes the same bytes
 #: Settings that decide the records (the rest — workers, frontends, ... — do not).
 _RECORD_SETTINGS = ("manifests", "validation_manifests", "source_base", "require_readable_audio",
                     "confine_audio_paths", "allowed_audio_roots", "max_blob_mb")
@@ -626,6 +626,39 @@ def feature_shards_with_work(settings: Settings, frontend: str | Frontend, split
                             settings.num_shards, failed)
 
 
+#: tqdm bars of :func:`build_feature_shards` (see :func:`progress_bars`): ``enabled`` None means
+#: "when the stream is a terminal"; ``file`` None means ``sys.stderr`` at the time of the call.
+_PROGRESS: dict = {"enabled": None, "file": None}
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool | None = None, file=None):
+    """Within the block, :func:`build_feature_shards` shows a tqdm bar over utterances (rate and
+    ETA) on ``file`` (default: ``sys.stderr``) when ``enabled`` is True, never when False, and
+    when ``file`` is a terminal when None (the default outside the block too). While a bar shows,
+    the progress log lines every ``log_every_s`` are left out (the final one is kept)."""
+    previous = dict(_PROGRESS)
+    _PROGRESS.update(enabled=enabled, file=file)
+    try:
+        yield
+    finally:
+        _PROGRESS.update(previous)
+
+
+def _progress_stream():
+    """The stream a bar would go to, or None when no bar should show."""
+    import sys
+
+    stream = _PROGRESS["file"] if _PROGRESS["file"] is not None else sys.stderr
+    if _PROGRESS["enabled"] is None:
+        isatty = getattr(stream, "isatty", None)
+        try:
+            return stream if isatty is not None and isatty() else None
+        except ValueError:  # a closed stream
+            return None
+    return stream if _PROGRESS["enabled"] else None
+
+
 def build_feature_shards(
     settings: Settings,
     frontend: str | Frontend,
@@ -639,11 +672,18 @@ def build_feature_shards(
     overrides and plugins, or a Frontend) for ``shards`` of ``split``.
 
     Requires ``record_cache/<split>.jsonl`` (see :func:`build_record_cache`). Failures of each
-    shard are written to ``<output>/reports/<frontend>/<split>/shard_NN.jsonl``.
+    shard are written to ``<output>/reports/<frontend>/<split>/shard_NN.jsonl``; what the run did
+    in each shard (counts, the parts it wrote, per-bin feature sums) to the shard's stats sidecar
+    (:func:`shard_stats_path`), which :mod:`asr_assets.summary` merges.
+
+    Progress: ``log(...)`` every ``log_every_s`` seconds and at the end, or a tqdm bar (see
+    :func:`progress_bars`).
 
     Returns:
         ``{shard: ShardStats}``.
     """
+    import uuid
+
     if isinstance(frontend, str):
         frontend = settings.frontend(frontend)
     frontend_name = frontend.name
@@ -655,13 +695,34 @@ def build_feature_shards(
         timeout_per_audio_s=settings.timeout_per_audio_s,
     )
     last = [time.monotonic()]
+    stream = _progress_stream()
+    bar = None
+    if stream is not None:  # started now, so rate and ETA include the workers' start-up
+        from tqdm import tqdm
+
+        bar = tqdm(total=None, desc=f"{frontend_name}[{split}]", unit="utt", file=stream, disable=False,
+                   dynamic_ncols=True, mininterval=0.5, smoothing=0.1)
 
     def progress(done: int, total: int) -> None:
-        if log and (done == total or time.monotonic() - last[0] >= log_every_s):
+        if bar is not None:
+            if bar.total != total:  # known from the first utterance on
+                bar.total = total
+            bar.update(done - bar.n)
+        if log and (done == total or (bar is None and time.monotonic() - last[0] >= log_every_s)):
             last[0] = time.monotonic()
             log(f"{frontend_name}[{split}]: {done}/{total} utterances featurized")
 
-    stats = extract_shards(store, settings.feature_split_root(split), frontend, shards, config, progress=progress)
+    split_root = settings.feature_split_root(split)
+    start = time.perf_counter()
+    try:
+        stats = extract_shards(store, split_root, frontend, shards, config, progress=progress)
+    finally:
+        if bar is not None:
+            bar.leave = bar.n > 0  # nothing to compute: no bar left behind
+            bar.close()
+    run = {"run": uuid.uuid4().hex[:16], "finished_at": round(time.time(), 3),
+           "wall_seconds": round(time.perf_counter() - start, 3),
+           "audio_seconds": round(sum(s.audio_seconds for s in stats.values()), 3)}
     for shard, shard_stats in stats.items():
         report = settings.features_report_path(frontend_name, split, shard)
         if shard_stats.failures:
@@ -671,4 +732,176 @@ def build_feature_shards(
                  **({"limit_s": f.limit_s} if f.limit_s is not None else {})} for f in shard_stats.failures))
         elif report.exists():
             report.unlink()  # every earlier failure of this shard has features now
+        record_shard_stats(split_root, shard, frontend, shard_stats, run)
     return stats
+
+
+# --- per-shard stats sidecar (feature side) -----------------------------------------------------
+
+#: Format of the shard stats sidecar; readers ignore a sidecar of another format.
+SHARD_STATS_FORMAT = 1
+
+
+def shard_stats_path(split_root: str | os.PathLike, shard: int, frontend_hash: str) -> Path:
+    """``<split_root>/feature_shards/features_NN/.stats-<hash12>.json``: what feature runs wrote in
+    one shard for one frontend (readers of the cache list ``part_*.parquet`` only).
+
+    Content (JSON)::
+
+        {"format": 1, "frontend": "squeezeformer", "frontend_hash": "...", "feature_dim": 80,
+         "moments": [{"parts": [part file names], "utterances": n, "frames": F,
+                      "sum": [float64 x dim], "sumsq": [float64 x dim]}, ...],
+         "last_run": {"run", "finished_at" (unix s), "wall_seconds", "audio_seconds" (of the whole
+                      run), "records", "computed", "skipped", "failed", "tombstoned",
+                      "shard_audio_seconds", "worker_seconds", "frames", "parts": [names]}}
+
+    One ``moments`` entry per run that computed something: per-bin sums over the frames it
+    wrote, valid while all its parts exist (compaction replaces them, and the entry is dropped).
+    """
+    from .feature_cache import shard_dir
+
+    return shard_dir(split_root, shard) / f".stats-{frontend_hash}.json"
+
+
+def read_shard_stats(split_root: str | os.PathLike, shard: int, frontend_hash: str) -> dict | None:
+    """The shard stats sidecar (:func:`shard_stats_path`), or None if absent, unreadable or of
+    another format (it is a summary, never needed to read features)."""
+    try:
+        data = json.loads(shard_stats_path(split_root, shard, frontend_hash).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == SHARD_STATS_FORMAT else None
+
+
+def record_shard_stats(split_root: str | os.PathLike, shard: int, frontend: Frontend, stats: ShardStats,
+                       run: dict) -> None:
+    """Update a shard's stats sidecar after a feature run: ``last_run`` from ``stats`` and ``run``
+    (run id, time, wall seconds, audio seconds of the whole run), one ``moments`` entry more if it
+    computed anything, entries whose parts are gone dropped. Atomic, under the shard's writer lock."""
+    from ._fs import atomic_write_bytes
+    from .feature_cache import shard_dir, shard_lock
+
+    fhash = frontend.frontend_hash()
+    directory = shard_dir(split_root, shard)
+    with shard_lock(split_root, shard, fhash):
+        old = read_shard_stats(split_root, shard, fhash)
+        if old is None and not stats.records and not stats.tombstoned:
+            return  # an empty shard, never described: nothing to say
+        old = old or {}
+        moments = [m for m in old.get("moments", [])
+                   if m.get("parts") and all((directory / name).is_file() for name in m["parts"])]
+        if stats.computed and stats.feature_sum is not None:
+            moments.append({"parts": list(stats.part_names), "utterances": stats.computed, "frames": stats.frames,
+                            "sum": stats.feature_sum.tolist(), "sumsq": stats.feature_sumsq.tolist()})
+        state = {
+            "format": SHARD_STATS_FORMAT, "frontend": frontend.name, "frontend_hash": fhash,
+            "feature_dim": frontend.feature_dim, "moments": moments,
+            "last_run": {**run, "records": stats.records, "computed": stats.computed, "skipped": stats.skipped,
+                         "failed": stats.failed, "tombstoned": stats.tombstoned,
+                         "shard_audio_seconds": round(stats.audio_seconds, 3),
+                         "worker_seconds": round(stats.worker_seconds, 3), "frames": stats.frames,
+                         "parts": list(stats.part_names)},
+        }
+        atomic_write_bytes(shard_stats_path(split_root, shard, fhash), json.dumps(state).encode("utf-8"))
+
+
+# --- verification of what a run wrote (feature side) --------------------------------------------
+
+
+@dataclass
+class ShardVerification:
+    """Outcome of :func:`verify_feature_shard` for one shard.
+
+    Attributes:
+        records: records of the split in this shard.
+        with_features: of them, with a live key in the shard index.
+        reported: of them, without features but in the shard's failure report.
+        unaccounted: utterance ids with neither (at most all of them).
+        parts_read: parts whose payloads were read (the new parts named by the caller).
+        payloads_read: payloads decoded and checked.
+        invalid: ``"<utterance or key>: why"`` for each payload that failed.
+        tombstoned: keys tombstoned for recompute (the invalid ones).
+    """
+
+    shard: int
+    records: int = 0
+    with_features: int = 0
+    reported: int = 0
+    unaccounted: list[str] = field(default_factory=list)
+    parts_read: int = 0
+    payloads_read: int = 0
+    invalid: list[str] = field(default_factory=list)
+    tombstoned: int = 0
+
+
+def verify_feature_shard(settings: Settings, frontend: Frontend, split: str, shard: int, new_parts: Iterable[str],
+                         tasks: Sequence | None = None) -> ShardVerification:
+    """Check one shard after a feature run, without reading the features it did not write.
+
+    * Counts, from the index alone (part footers, no payload): every record of the split in this
+      shard has a live key, or a line in the shard's failure report.
+    * Payloads of ``new_parts`` only (file names in the shard's folder, as the run reported them):
+      each live row there decodes as SFCF32L1 ``[frames > 0, feature_dim]`` with finite values.
+      Those that do not are tombstoned, so the next run of the shard computes them again.
+
+    Args:
+        tasks: the shard's records as :func:`~asr_assets.extraction.plan_shard_tasks` gives them
+            (planned here if None).
+    """
+    from .extraction import plan_shard_tasks
+    from .feature_cache import CacheCorruptError, ShardedParquetFeatureCache, tombstone_keys
+
+    fhash = frontend.frontend_hash()
+    split_root = settings.feature_split_root(split)
+    if tasks is None:
+        tasks = plan_shard_tasks(RecordStore(settings.record_cache_path(split)), fhash, [shard],
+                                 settings.num_shards)[shard]
+    result = ShardVerification(shard=shard, records=len(tasks))
+    cache = ShardedParquetFeatureCache(split_root, settings.num_shards)
+    live = cache.keys(shard, frontend_hash=fhash)
+    failed = reported_failures(settings, frontend.name, split, shard)
+    for task in tasks:
+        if task.key in live:
+            result.with_features += 1
+        elif task.utterance_id in failed:
+            result.reported += 1
+        else:
+            result.unaccounted.append(task.utterance_id)
+    names = set(new_parts)
+    entries = cache.shard_entries(shard)
+    fresh = [key for key, where in entries.items() if where is not None and where[0].name in names and key in live]
+    result.parts_read = len({entries[key][0] for key in fresh})
+    ids = {task.key: task.utterance_id for task in tasks}
+    invalid_keys = []
+
+    def judge(key: str, feats) -> None:
+        if feats is None:  # superseded meanwhile by a newer part (a concurrent writer): not this run's
+            return
+        result.payloads_read += 1
+        finite = bool(np.isfinite(feats).all())
+        if feats.ndim != 2 or feats.shape[0] == 0 or feats.shape[1] != frontend.feature_dim or not finite:
+            result.invalid.append(f"{ids.get(key, 'key ' + key[:12])}: shape {feats.shape}, finite={finite}")
+            invalid_keys.append(key)
+
+    for batch in (fresh[i:i + 256] for i in range(0, len(fresh), 256)):
+        try:
+            loaded = cache.load_keys(list(batch))
+        except CacheCorruptError:  # find which: one by one
+            loaded = None
+        if loaded is not None:
+            for key, feats in zip(batch, loaded):
+                judge(key, feats)
+            continue
+        for key in batch:
+            try:
+                (feats,) = cache.load_keys([key])
+            except CacheCorruptError as exc:
+                result.payloads_read += 1
+                result.invalid.append(f"{ids.get(key, 'key ' + key[:12])}: {exc}")
+                invalid_keys.append(key)
+                continue
+            judge(key, feats)
+    tombstone_keys(split_root, shard, fhash, invalid_keys,
+                   metadata={"frontend": frontend.name, "reason": "invalid payload found by check"})
+    result.tombstoned = len(invalid_keys)
+    return result

@@ -240,7 +240,8 @@ class DigestClaims:
 
 
 #: A record as the writer takes it: (utterance_id, transcript, audio_path, audio_bytes,
-#: speaker_id, duration_s, transcript code points).
+#: speaker_id, duration_s, transcript code points, offset_s). ``offset_s`` is None for a whole
+#: file; for a segment ``duration_s`` is the segment's (see :class:`~asr_assets.records.Record`).
 RecordTuple = tuple
 
 
@@ -251,8 +252,9 @@ class BatchRecordBuilder:
         config: filters and split fractions.
         allowed_audio_roots: as ``build_records``.
         probe_many: called with the rows that need a probed duration (column absent, cell empty
-            or <= 0) and pass every check before it; returns per row seconds or the exception
-            (the row is then rejected, stage ``probe``). None: such rows are "no duration".
+            or <= 0; never a segment) and pass every check before it; returns per row seconds or
+            the exception (the row is then rejected, stage ``probe``). None: such rows are "no
+            duration".
     """
 
     def __init__(self, config: RecordConfig, *, allowed_audio_roots: Sequence[str] | None = None,
@@ -299,6 +301,7 @@ class BatchRecordBuilder:
         source, manifest = batch.source, batch.manifest_path
         t_err, d_err = batch.transcript_error, batch.duration_error
         durations = batch.duration_s
+        offsets, o_err = batch.offset_s or [None] * n, batch.offset_error
         pending: list[tuple[list, int, int, float | None]] = []  # (sink, index in it, row, duration or None: probe)
         stat, limit = os.stat, config.max_audio_file_bytes
         require_bytes, require_readable = config.require_audio_bytes, config.require_readable_audio
@@ -346,7 +349,22 @@ class BatchRecordBuilder:
             if reason is not None:
                 sink.append(self._reject(batch, keys, i, split, "manifest", reason))
                 continue
-            duration = durations[i]
+            duration, offset = durations[i], offsets[i]
+            if o_err and o_err[i]:
+                sink.append(self._reject(batch, keys, i, split, "manifest", o_err[i]))
+                continue
+            if offset is not None:  # a segment: records.build_records' checks, same reasons
+                if not math.isfinite(offset) or offset < 0:
+                    sink.append(self._reject(batch, keys, i, split, "manifest", (
+                        f"segment offset {offset!r} s is {'negative' if offset < 0 else 'not finite'}: "
+                        "an offset counts seconds from the start of the audio file (>= 0)")))
+                    continue
+                if duration is None or not duration > 0:
+                    sink.append(self._reject(batch, keys, i, split, "manifest", (
+                        f"segment at offset {offset:.6g} s has no positive duration "
+                        f"({'none given' if duration is None else repr(duration)}): a segment needs its "
+                        "own duration (the file's header would give the whole file's)")))
+                    continue
             if duration is None or duration <= 0:
                 if self.probe_many is None:
                     sink.append(self._reject(batch, keys, i, split, "manifest", "no duration"))
@@ -375,7 +393,7 @@ class BatchRecordBuilder:
         for (sink, at, i, duration), ok in zip(pending, passed.tolist()):
             k = count_row[i]
             if ok:
-                sink[at] = (keys[i], normalized[i], paths[i], blobs[i], speakers[i], duration, int(chars[k]))
+                sink[at] = (keys[i], normalized[i], paths[i], blobs[i], speakers[i], duration, int(chars[k]), offsets[i])
                 continue
             if not math.isfinite(duration):
                 sink[at] = self._reject(batch, keys, i, splits[i], "filter", f"duration {duration!r} is not finite")

@@ -10,7 +10,8 @@ Entry points:
 
 Layout of a store ``<dir>/train.jsonl``::
 
-    train.jsonl                     one JSON object per line (Python json.dumps, ensure_ascii=False)
+    train.jsonl                     one JSON object per line (Python json.dumps, ensure_ascii=False);
+                                    a segment adds offset_seconds, duration_seconds (SEGMENT_KEYS)
     train.jsonl.offsets.u64         u64 LE byte offset of each line
     train.jsonl.estimated_frames.u32, .num_samples.u64, .sample_rates.u32,
     train.jsonl.transcript_lengths.u32, .token_lengths.u32
@@ -27,18 +28,27 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from array import array
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from ._fs import atomic_write_bytes, file_lock, remove_stale_tmp, tmp_path_for
 from .errors import CacheCorruptError
 from .records import Record
+
+#: JSONL keys of a segment record (a manifest row with an offset), after upstream's six keys;
+#: absent from whole-file records, whose lines stay byte for byte what they were. Seconds, as
+#: the manifest gave them: the segment is ``[offset_seconds, offset_seconds + duration_seconds)``
+#: of ``audio_path`` (or the blob), and the sidecars (``num_samples``, ``estimated_frames``)
+#: describe the segment. Upstream's loaders ignore unknown keys, so they would decode the whole
+#: file (docs/decoders.md, "Segments of long recordings").
+SEGMENT_KEYS = ("offset_seconds", "duration_seconds")
 
 SIDECARS: dict[str, str] = {
     ".offsets.u64": "<u8",
@@ -96,7 +106,9 @@ def write_record_cache(jsonl_path: str | os.PathLike, records: Iterable[Record])
     Returns:
         :class:`WriteSummary` with counts and audio seconds.
 
-    Embedded bytes are kept as a blob unless a readable local file exists at ``audio_path``.
+    Embedded bytes are kept as a blob unless a readable local file exists at ``audio_path``
+    (content-addressed: segments embedding the same long file share one blob). A segment
+    record (``offset_s`` set) gets the :data:`SEGMENT_KEYS`.
     An existing store is replaced only once the new one is complete; concurrent writers of the
     same store are serialized by a lock on ``<split>.jsonl.lock`` and the last one wins.
     """
@@ -118,17 +130,18 @@ def _write_locked(jsonl_path: Path, records: Iterable[Record]) -> WriteSummary:
             if record.audio_bytes is not None and not (record.audio_path and os.path.isfile(record.audio_path)):
                 blob_path = write_blob(jsonl_path, record.audio_bytes)
                 summary.blobs += 1
-            line = json.dumps(
-                {
-                    "audio_path": record.audio_path,
-                    "audio_blob_path": blob_path,
-                    "transcript": record.transcript,
-                    "utterance_id": record.utterance_id,
-                    "speaker_id": record.speaker_id,
-                    "has_speaker_id": record.speaker_id is not None,
-                },
-                ensure_ascii=False,
-            )
+            fields = {
+                "audio_path": record.audio_path,
+                "audio_blob_path": blob_path,
+                "transcript": record.transcript,
+                "utterance_id": record.utterance_id,
+                "speaker_id": record.speaker_id,
+                "has_speaker_id": record.speaker_id is not None,
+            }
+            if record.offset_s is not None:  # a segment: keys upstream's readers ignore (see SEGMENT_KEYS)
+                fields["offset_seconds"] = record.offset_s
+                fields["duration_seconds"] = record.duration_s
+            line = json.dumps(fields, ensure_ascii=False)
             columns[".offsets.u64"].append(handle.tell())
             data = line.encode("utf-8") + b"\n"
             handle.write(data)
@@ -153,6 +166,11 @@ def _write_locked(jsonl_path: Path, records: Iterable[Record]) -> WriteSummary:
 
 def _json(value: str | None) -> str:
     return "null" if value is None else encode_basestring(value)
+
+
+def _json_number(value: float) -> str:
+    """``json.dumps(value)`` of a float (``float.__repr__``; NaN/Infinity as json writes them)."""
+    return float.__repr__(value) if type(value) is float and math.isfinite(value) else json.dumps(value)
 
 
 class RecordCacheWriter:
@@ -190,20 +208,23 @@ class RecordCacheWriter:
 
     def add(self, records: Sequence[tuple]) -> None:
         """Append records, each ``(utterance_id, transcript, audio_path, audio_bytes, speaker_id,
-        duration_s, transcript code points)`` (the transcript normalized; str ids)."""
+        duration_s, transcript code points, offset_s)`` (the transcript normalized; str ids;
+        ``offset_s`` None for a whole file, else the line gets the :data:`SEGMENT_KEYS`)."""
         if not records:
             return
         lines, offsets = [], []
         position, summary = self._position, self.summary
         seconds = summary.audio_seconds
-        for utterance_id, transcript, audio_path, audio_bytes, speaker_id, duration, _ in records:
+        for utterance_id, transcript, audio_path, audio_bytes, speaker_id, duration, _, offset in records:
             blob_path = None
             if audio_bytes is not None and not (audio_path and os.path.isfile(audio_path)):
                 blob_path = write_blob(self.path, audio_bytes)
                 summary.blobs += 1
             line = (f'{{"audio_path": {_json(audio_path)}, "audio_blob_path": {_json(blob_path)}, '
                     f'"transcript": {encode_basestring(transcript)}, "utterance_id": {encode_basestring(utterance_id)}, '
-                    f'"speaker_id": {_json(speaker_id)}, "has_speaker_id": {"false" if speaker_id is None else "true"}}}\n'
+                    f'"speaker_id": {_json(speaker_id)}, "has_speaker_id": {"false" if speaker_id is None else "true"}'
+                    + ("}\n" if offset is None else  # a segment (see SEGMENT_KEYS)
+                       f', "offset_seconds": {_json_number(offset)}, "duration_seconds": {_json_number(duration)}}}\n')
                     ).encode("utf-8")
             offsets.append(position)
             position += len(line)
@@ -307,7 +328,8 @@ def _offsets_match_jsonl(jsonl_path: Path, offsets: np.ndarray) -> bool:
 class RecordStore:
     """Random access to a record store: ``len(store)``, ``store[i]`` -> dict.
 
-    Each item is the JSONL object plus ``estimated_frames``, ``num_samples``, ``sample_rate``,
+    Each item is the JSONL object (with ``offset_seconds`` and ``duration_seconds`` for a
+    segment, :data:`SEGMENT_KEYS`) plus ``estimated_frames``, ``num_samples``, ``sample_rate``,
     ``transcript_length``, ``token_length`` from the sidecars (None for a missing optional
     sidecar) and ``audio_blob_abspath`` (the blob resolved against the JSONL's folder, or None).
 
@@ -364,6 +386,14 @@ class RecordStore:
         with open(self.path, "rb") as handle:
             handle.seek(int(self.offsets[index]))
             return self._item(index, handle.readline())
+
+    def iter_indices(self, indices) -> "Iterator[dict]":
+        """The records at ``indices`` (ascending for sequential reads), through one open file."""
+        with open(self.path, "rb") as handle:
+            for index in indices:
+                index = int(index)
+                handle.seek(int(self.offsets[index]))
+                yield self._item(index, handle.readline())
 
     def __iter__(self):
         """All records in order, reading the JSONL sequentially (faster than indexing)."""

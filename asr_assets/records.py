@@ -86,6 +86,11 @@ class Record:
 
     ``num_samples`` is at 16 kHz: ``max(1, round_half_even(duration_s * 16000))``;
     ``estimated_frames = max(num_samples, 400) // 160 + 1`` whatever the frontend (spec §1.4).
+
+    ``offset_s`` is None for a whole audio file. For a *segment* (a manifest row with an
+    ``offset``/``start`` cell) it is the segment's start in seconds into ``audio_path`` (or the
+    embedded bytes) and ``duration_s`` is the segment's length, so ``num_samples``, the
+    filters and the duration caps all describe the segment, never the file.
     """
 
     utterance_id: str
@@ -96,6 +101,7 @@ class Record:
     speaker_id: str | None
     duration_s: float
     source: str
+    offset_s: float | None = None
 
     @property
     def num_samples(self) -> int:
@@ -314,8 +320,9 @@ def build_records(
             yielded for them. With external validation sources, the train manifests' rows.
 
     Filters run in upstream order after the duplicate check: transcript, audio source (a row
-    whose embedded audio is unusable — ``audio_error`` — needs a readable local file), duration,
-    duration bounds, transcript length, symbol ratio, alphanumeric, alignment bounds; local audio
+    whose embedded audio is unusable — ``audio_error`` — needs a readable local file), duration
+    (a segment row — with ``offset_s`` — needs an offset >= 0 and its own duration > 0; it is
+    never probed), duration bounds (of the segment, for a segment), transcript length, symbol ratio, alphanumeric, alignment bounds; local audio
     files over ``config.max_audio_file_bytes`` are rejected with the audio source checks.
     """
     wanted = set(splits)
@@ -373,6 +380,20 @@ def build_records(
         if row.duration_error:
             yield reject("manifest", row.duration_error)
             continue
+        offset = row.offset_s
+        if row.offset_error:
+            yield reject("manifest", row.offset_error)
+            continue
+        if offset is not None:  # a segment: [offset, offset + duration) seconds of the file
+            if not math.isfinite(offset) or offset < 0:
+                yield reject("manifest", f"segment offset {offset!r} s is {'negative' if offset < 0 else 'not finite'}: "
+                                         "an offset counts seconds from the start of the audio file (>= 0)")
+                continue
+            if duration is None or not duration > 0:
+                yield reject("manifest", f"segment at offset {offset:.6g} s has no positive duration "
+                                         f"({'none given' if duration is None else repr(duration)}): a segment needs its "
+                                         "own duration (the file's header would give the whole file's)")
+                continue
         if duration is None or duration <= 0:
             # A zero duration is what tools write when they could not read the file (seen in
             # real manifests, e.g. for Opus without OpusTags): ask the audio header instead.
@@ -391,4 +412,5 @@ def build_records(
         if reason is not None:
             yield reject("filter", reason)
             continue
-        yield Record(utterance_id, split, transcript, row.audio_path, row.audio_bytes, row.speaker_id, duration, row.source)
+        yield Record(utterance_id, split, transcript, row.audio_path, row.audio_bytes, row.speaker_id, duration, row.source,
+                     offset)

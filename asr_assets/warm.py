@@ -36,6 +36,7 @@ decoded and featurized by the same worker processes as the graph (crash and hang
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -78,6 +79,9 @@ class WarmRow:
         source: a local path or the embedded bytes to decode; None: no audio source (skipped).
         hint: path whose extension names the format of ``source`` (the manifest's audio path).
         error: why the row cannot be featurized (a URL without bytes, a line that is not JSON).
+        offset_s, duration_s: a segment of a long recording (record-cache lines with
+            ``offset_seconds`` / ``duration_seconds``): only ``[offset, offset + duration)``
+            seconds are decoded, as the extractor does; None for a whole file.
     """
 
     row: int
@@ -85,6 +89,8 @@ class WarmRow:
     source: str | bytes | None
     hint: str | None = None
     error: str | None = None
+    offset_s: float | None = None
+    duration_s: float | None = None
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -250,7 +256,8 @@ def iter_parquet_batches(inputs: Sequence[ParquetInput], *, source_base: str | o
 
 
 def _record_cache_row(line: bytes, number: int, parent: Path) -> WarmRow:
-    """Upstream ``process_record_cache_feature_line`` for one JSONL line."""
+    """Upstream ``process_record_cache_feature_line`` for one JSONL line, plus segment records
+    (``offset_seconds`` / ``duration_seconds``, an asr_assets extension of spec §1.3)."""
     try:
         value = json.loads(line)
         if not isinstance(value, dict):
@@ -265,13 +272,21 @@ def _record_cache_row(line: bytes, number: int, parent: Path) -> WarmRow:
     utterance_id = text("utterance_id") or str(number)
     audio_path, blob = text("audio_path"), text("audio_blob_path")
     if blob is not None:
-        return WarmRow(number, utterance_id, blob if os.path.isabs(blob) else str(parent / blob), audio_path)
-    if audio_path is None:
+        row = WarmRow(number, utterance_id, blob if os.path.isabs(blob) else str(parent / blob), audio_path)
+    elif audio_path is None:
         return WarmRow(number, utterance_id, None)
-    if _is_url(audio_path):
+    elif _is_url(audio_path):
         return WarmRow(number, utterance_id, None, audio_path,
                        error=f"remote audio URLs are not supported by the warmer: {audio_path}")
-    return WarmRow(number, utterance_id, audio_path, audio_path)
+    else:
+        row = WarmRow(number, utterance_id, audio_path, audio_path)
+    offset, duration = value.get("offset_seconds"), value.get("duration_seconds")
+    if offset is None and duration is None:
+        return row
+    if not (isinstance(offset, (int, float)) and isinstance(duration, (int, float)) and offset >= 0 and duration > 0):
+        return WarmRow(number, utterance_id, None, audio_path,
+                       error=f"segment record with offset_seconds={offset!r}, duration_seconds={duration!r}")
+    return dataclasses.replace(row, offset_s=float(offset), duration_s=float(duration))
 
 
 def iter_record_cache_batches(path: str | os.PathLike, *, batch_size: int = 1024,
@@ -396,7 +411,8 @@ def warm_feature_cache(batches: Iterable[list[WarmRow]], split_root: str | os.Pa
                         key = cache_key(row.utterance_id, fhash)
                         shard = shard_index(key, config.num_shards)
                         if key not in present[shard]:
-                            tasks.append(_Task(row.utterance_id, row.source, row.hint, shard, key))
+                            tasks.append(_Task(row.utterance_id, row.source, row.hint, shard, key,
+                                               offset_s=row.offset_s, duration_s=row.duration_s))
                 logger.debug("batch %d: %d rows, %d to featurize", number, len(batch), len(tasks))
                 results = _run(tasks, state, config.workers, config)
                 try:

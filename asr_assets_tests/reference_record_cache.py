@@ -1,6 +1,9 @@
-"""The per-row record-cache build as it was before the streaming build (one split per pass over
+"""The per-row record-cache build of main before the streaming build (one split per pass over
 every manifest): :func:`asr_assets.manifests.iter_manifest_rows` -> :func:`asr_assets.records.build_records`
--> :func:`asr_assets.record_cache.write_record_cache`, then the report.
+-> :func:`asr_assets.record_cache.write_record_cache`, then the report. Those three stay in the
+library, so this is the per-row build as it is now, segments included (``offset``/``start``
+column, its row errors, ``offset_seconds``/``duration_seconds`` keys, sidecars and filters of the
+segment).
 
 Kept as the reference the streaming build (:func:`asr_assets.pipeline.build_record_caches`) is
 tested against (``test_record_stream.py``: same JSONL, sidecars and report bytes) and measured

@@ -10,11 +10,14 @@ manifest the run still caches the good one and reports the bad file; alone it gi
 (exit 2, one line naming the manifests read and the reports). The help of every frontend
 override flag states its unit and default (checked against the frontends' configs). Importing
 the CLI and answering ``--help`` / ``frontends`` loads neither scipy.signal, dagster, polars nor
-torch (checked in a fresh interpreter through ``sys.modules``; no wall-clock assertions).
+torch (checked in a fresh interpreter through ``sys.modules``; no wall-clock assertions). The
+feature progress bar (tqdm, rate and ETA) goes to stderr only on a terminal or with
+``--progress``, replaces the periodic log line, and a second materialize says "up to date".
 """
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import subprocess
@@ -281,3 +284,51 @@ def test_start_up_imports_nothing_heavy(argv, also_absent):
     assert result.returncode == 0, result.stderr
     status, loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert status in (0, None) and loaded == []
+
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_replaces_the_periodic_log_line(tmp_path):
+    from asr_assets.pipeline import build_feature_shards, build_record_cache, progress_bars
+    from asr_assets.settings import Settings, bundled_sample_manifests
+
+    settings = Settings(manifests=tuple(bundled_sample_manifests()), output=str(tmp_path / "out"), workers=1)
+    build_record_cache(settings, "train")
+    plain, lines = io.StringIO(), []
+    with progress_bars(file=plain):  # not a terminal: no bar, a log line per interval (0 s: every utterance)
+        stats = build_feature_shards(settings, "squeezeformer", "train", range(32), log=lines.append, log_every_s=0)
+    computed = sum(s.computed for s in stats.values())
+    assert plain.getvalue() == "" and computed > 1
+    assert lines == [f"squeezeformer[train]: {i}/{computed} utterances featurized" for i in range(1, computed + 1)]
+    terminal, lines = _Terminal(), []
+    with progress_bars(file=terminal):
+        stats = build_feature_shards(settings, "squeezeformer", "train", range(32, 64), log=lines.append, log_every_s=0)
+    computed = sum(s.computed for s in stats.values())
+    assert lines == [f"squeezeformer[train]: {computed}/{computed} utterances featurized"]  # the final line only
+    bar = terminal.getvalue().split("\r")[-1]
+    assert bar.startswith("squeezeformer[train]: 100%") and f"{computed}/{computed}" in bar and "utt/s" in bar
+    quiet = _Terminal()
+    with progress_bars(enabled=False, file=quiet):  # --no-progress; and nothing left to do
+        build_feature_shards(settings, "squeezeformer", "train", range(64))
+    assert quiet.getvalue() == ""
+
+
+def test_materialize_progress_goes_to_stderr_and_a_no_op_says_up_to_date(tmp_path, capsys):
+    args = ["materialize", "--manifests", str(_good_manifest(tmp_path / "m.tsv")), "--output", str(tmp_path / "out"),
+            "--workers", "1"]
+    assert cli_main([*args, "--progress"]) == 0  # forced: stderr is not a terminal here
+    captured = capsys.readouterr()
+    bar = captured.err.split("\r")[-1].strip()
+    assert bar.startswith("squeezeformer[") and "100%" in bar and "1/1" in bar and "utt/s" in bar
+    assert "utt/s" not in captured.out and "1/1 utterances featurized" in captured.out
+    assert cli_main(args) == 0
+    captured = capsys.readouterr()
+    assert "asr-assets: up to date (" in captured.out and "no run started" in captured.out
+    assert captured.err == ""

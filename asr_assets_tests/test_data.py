@@ -278,9 +278,9 @@ def test_two_dataloader_workers_on_the_same_misses_write_each_key_once(built, tm
 def test_dataset_pickles_without_open_parts(built):
     dataset = FeatureDataset(built, "train")
     dataset[0]
-    assert dataset.cache._parts  # a part is open in this process
+    assert dataset.cache._index  # a shard is indexed in this process
     clone = pickle.loads(pickle.dumps(dataset))
-    assert not clone.cache._parts and torch.equal(clone[0]["features"], dataset[0]["features"])
+    assert not (clone.cache._parts or clone.cache._index or clone.cache._part_indexes) and torch.equal(clone[0]["features"], dataset[0]["features"])
 
 
 # --- DynamicBucketingSampler ---------------------------------------------------------------------

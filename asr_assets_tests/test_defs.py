@@ -2,20 +2,35 @@
 
 Scope: asset descriptions keep ``<split>`` (rendered as Markdown code, not swallowed as an HTML
 tag); the checks are unpartitioned, so their status is their latest evaluation, and name the
-partitions they covered; loading the definitions raises no Beta/Preview warnings; runs started
-by ``asr-assets materialize`` are ``record_cache_job`` / ``features_job`` runs tagged with the
-asset and split, as the Runs page lists them, and a materialize with nothing to do starts none.
+partitions they covered; the feature check verifies what its run wrote (a torn payload in a new
+part is caught, tombstoned and recomputed; payloads of older parts are never read, counted
+through the reader) and counts every record from the shard index; loading the definitions raises
+no Beta/Preview warnings; runs started by ``asr-assets materialize`` are ``record_cache_job`` /
+``features_job`` / ``summary_job`` runs tagged with the asset and split, as the Runs page lists
+them, and a materialize with nothing to do starts none.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import dagster as dg
+import numpy as np
+import pytest
 
 from asr_assets.cli import main as cli_main
 from asr_assets.definitions import build_definitions, build_graph
-from asr_assets.settings import SPLITS, Settings
+from asr_assets.defs.partitions import feature_partition_key
+from asr_assets.errors import CacheCorruptError
+from asr_assets.feature_cache import (ShardedParquetFeatureCache, ShardWriter, cache_key, list_parts, shard_dir,
+                                      shard_index, tombstone_keys)
+from asr_assets.pipeline import build_feature_shards, build_record_cache, verify_feature_shard
+from asr_assets.record_cache import RecordStore
+from asr_assets.settings import SPLITS, Settings, bundled_sample_manifests
+
+SQUEEZEFORMER_HASH = "0a48384efcf3"
 
 
 def test_descriptions_keep_angle_bracket_placeholders_as_code():
@@ -49,6 +64,31 @@ def test_checks_are_unpartitioned_and_name_their_partitions(tmp_path):
     (evaluation,) = res.get_asset_check_evaluations()
     assert evaluation.passed and evaluation.metadata["splits"].value == ["train"]
     assert evaluation.metadata["records"].value["train"] == 20  # the bundled sample's train split
+    assert evaluation.metadata["up_to_date_not_reread"].value == []  # rebuilt: read in full
+
+
+def test_record_cache_check_does_not_reread_a_split_its_run_left_untouched(tmp_path, monkeypatch):
+    graph = build_graph(Settings.from_env(output=str(tmp_path / "out"), workers=1))
+    instance = dg.DagsterInstance.ephemeral()
+    everything = [graph.manifests, graph.record_cache, *graph.feature_assets, *graph.checks]
+    dg.materialize(everything, selection=[graph.record_cache], partition_key="train", instance=instance,
+                   resources=graph.resources)
+    jsonl = tmp_path / "out" / "record_cache" / "train.jsonl"
+    original = Path.read_bytes
+
+    def refuse(self):
+        if self == jsonl:
+            raise AssertionError("the check read the whole JSONL of an up-to-date split")
+        return original(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    res = dg.materialize(everything, selection=[graph.record_cache], partition_key="train", instance=instance,
+                         resources=graph.resources)
+    (mat,) = res.asset_materializations_for_node("record_cache")
+    (evaluation,) = res.get_asset_check_evaluations()
+    assert mat.metadata["up_to_date"].value and evaluation.passed
+    assert evaluation.metadata["up_to_date_not_reread"].value == ["train"]
+    assert evaluation.metadata["records"].value["train"] == 20
 
 
 def test_cli_runs_are_named_jobs_tagged_with_asset_and_split(tmp_path):
@@ -64,7 +104,103 @@ def test_cli_runs_are_named_jobs_tagged_with_asset_and_split(tmp_path):
     for r in feature_runs:  # one run per split, over the range of shards that had work
         lo, hi = (int(x) for x in r.tags["asr/shards"].split("-"))
         assert r.tags["asr/asset"] == "squeezeformer_features" and 0 <= lo <= hi <= 63
+    (summary_run,) = [r for r in runs if r.job_name == "summary_job"]  # one run over the splits that changed
+    assert summary_run.tags["asr/asset"] == "split_summary" and summary_run.tags["asr/split"] == ",".join(SPLITS)
     assert not [r for r in runs if r.job_name == "__ephemeral_asset_job__"]
     # nothing changed: the next materialize starts no run at all
     assert cli_main(["materialize", "--output", str(tmp_path / "out"), "--workers", "1"]) == 0
     assert len(instance.get_runs()) == len(runs)
+
+
+def _torn(payload: bytes) -> bytes:
+    """An SFCF32L1 payload cut short after its header (as a torn write leaves it)."""
+    return payload[:16] + b"\x00" * 12
+
+
+@pytest.fixture
+def payload_reads(monkeypatch) -> list[str]:
+    """Names of the parts whose payloads any ShardedParquetFeatureCache reads (footers are not payloads)."""
+    reads: list[str] = []
+    original = ShardedParquetFeatureCache._payloads
+
+    def spy(self, part, rows):
+        reads.extend([Path(part).name] * len(rows))
+        return original(self, part, rows)
+
+    monkeypatch.setattr(ShardedParquetFeatureCache, "_payloads", spy)
+    return reads
+
+
+def test_feature_check_verifies_the_parts_its_run_wrote_and_no_others(tmp_path, monkeypatch, payload_reads):
+    settings = Settings(manifests=tuple(bundled_sample_manifests()), output=str(tmp_path / "out"), workers=1)
+    build_record_cache(settings, "train")
+    build_feature_shards(settings, "squeezeformer", "train", range(64))
+    root = settings.feature_split_root("train")
+    ids = [r["utterance_id"] for r in RecordStore(settings.record_cache_path("train"))]
+    new_uid, old_uid = ids[0], ids[1]
+    new_key, old_key = cache_key(new_uid, SQUEEZEFORMER_HASH), cache_key(old_uid, SQUEEZEFORMER_HASH)
+    good = ShardedParquetFeatureCache(root).load(new_uid)
+    # an older part (not written by the runs below) holding a torn payload of old_uid
+    with ShardWriter(root, shard_index(old_key), metadata={"frontend_hash": SQUEEZEFORMER_HASH}) as writer:
+        writer.add_payload(old_key, _torn(b"SFCF32L1" + b"\x05\x00\x00\x00\x50\x00\x00\x00"))
+    old_part = list_parts(shard_dir(root, shard_index(old_key)))[-1].name
+    tombstone_keys(root, shard_index(new_key), SQUEEZEFORMER_HASH, [new_key])  # the run computes it again...
+    original_add = ShardWriter.add_payload
+
+    def tearing(self, key, payload):  # ... and storage tears it on the way to disk
+        return original_add(self, key, _torn(payload) if key == new_key else payload)
+
+    graph = build_graph(settings)
+    everything = [graph.manifests, graph.record_cache, *graph.feature_assets, *graph.checks]
+    instance = dg.DagsterInstance.ephemeral()
+    shards = sorted({shard_index(new_key), shard_index(old_key)})
+    tags = {"dagster/asset_partition_range_start": feature_partition_key("train", shards[0]),
+            "dagster/asset_partition_range_end": feature_partition_key("train", shards[-1])}
+
+    def run():
+        payload_reads.clear()
+        res = dg.materialize(everything, selection=list(graph.feature_assets), instance=instance,
+                             resources=graph.resources, tags=tags, raise_on_error=False)
+        (evaluation,) = res.get_asset_check_evaluations()
+        mats = res.asset_materializations_for_node("squeezeformer_features")
+        return evaluation, {name for m in mats for name in m.metadata["new_parts"].value}, mats
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ShardWriter, "add_payload", tearing)
+        evaluation, new_parts, mats = run()
+    assert not evaluation.passed
+    invalid = json.dumps(evaluation.metadata["invalid_features"].value)
+    assert new_uid in invalid and old_uid not in invalid
+    assert evaluation.metadata["tombstoned_for_recompute"].value == 1
+    assert evaluation.metadata["payloads_verified"].value == 1 and evaluation.metadata["new_parts_read"].value == 1
+    assert len(new_parts) == 1 and set(payload_reads) <= new_parts and old_part not in payload_reads
+
+    evaluation, new_parts, mats = run()  # recomputed, verified, and the old part still not read
+    assert evaluation.passed and sum(m.metadata["computed"].value for m in mats) == 1
+    assert evaluation.metadata["payloads_verified"].value == 1 and set(payload_reads) == new_parts
+    np.testing.assert_array_equal(ShardedParquetFeatureCache(root).load(new_uid), good)
+
+    evaluation, new_parts, mats = run()  # nothing new: no payload read at all
+    assert evaluation.passed and evaluation.metadata["payloads_verified"].value == 0
+    assert payload_reads == [] and new_parts == set()
+    assert evaluation.metadata["records_checked"].value == sum(m.metadata["records"].value for m in mats)
+    with pytest.raises(CacheCorruptError):  # untouched since: the check of the run that wrote it owns it
+        ShardedParquetFeatureCache(root).load(old_uid)
+
+
+def test_feature_check_counts_come_from_the_index_without_reading_payloads(tmp_path, payload_reads):
+    settings = Settings(manifests=tuple(bundled_sample_manifests()), output=str(tmp_path / "out"), workers=1)
+    build_record_cache(settings, "train")
+    build_feature_shards(settings, "squeezeformer", "train", range(64))
+    frontend = settings.frontend("squeezeformer")
+    root = settings.feature_split_root("train")
+    uid = RecordStore(settings.record_cache_path("train"))[0]["utterance_id"]
+    shard = shard_index(cache_key(uid, SQUEEZEFORMER_HASH))
+    intact = verify_feature_shard(settings, frontend, "train", shard, new_parts=[])
+    assert intact.unaccounted == [] and intact.with_features == intact.records >= 1
+    lost = set(ShardedParquetFeatureCache(root).shard_entries(shard))
+    for part in list_parts(shard_dir(root, shard)):
+        part.unlink()  # features gone, and no failure report for them
+    result = verify_feature_shard(settings, frontend, "train", shard, new_parts=[])
+    assert uid in result.unaccounted and len(result.unaccounted) == result.records == len(lost)
+    assert result.with_features == 0 and result.payloads_read == 0 and payload_reads == []

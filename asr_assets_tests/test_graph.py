@@ -56,7 +56,8 @@ def _range_tags(start: str, end: str) -> dict:
 def test_definitions_load_with_expected_graph():
     defs = build_definitions(Settings(frontends=("squeezeformer",)))
     dg.Definitions.validate_loadable(defs)
-    assert sorted(k.to_user_string() for k in defs.resolve_all_asset_keys()) == ["manifests", "record_cache", "squeezeformer_features"]
+    keys = sorted(k.to_user_string() for k in defs.resolve_all_asset_keys())
+    assert keys == ["manifests", "record_cache", "split_summary", "squeezeformer_features"]
     assert feature_partition_key("train", 7) == "07|train"
     features = defs.get_assets_def("squeezeformer_features")
     assert len(features.partitions_def.get_partition_keys()) == 3 * 64
@@ -83,7 +84,10 @@ def test_materialize_bundled_sample_in_process(tmp_path):
         assert len(mats) == 64
         assert sum(m.metadata["computed"].value for m in mats) == len(RecordStore(settings.record_cache_path(split)))
         assert sum(m.metadata["failures"].value for m in mats) == 0
-        assert all(e.passed for e in res.get_asset_check_evaluations())
+        (evaluation,) = res.get_asset_check_evaluations()
+        assert evaluation.passed  # it read the payloads of the parts this run wrote, each once
+        assert evaluation.metadata["payloads_verified"].value == len(RecordStore(settings.record_cache_path(split)))
+        assert evaluation.metadata["new_parts_read"].value == sum(len(m.metadata["new_parts"].value) for m in mats)
 
     checked = 0
     for split in SPLITS:
@@ -105,6 +109,24 @@ def test_materialize_bundled_sample_in_process(tmp_path):
     mats = res.asset_materializations_for_node("squeezeformer_features")
     assert sum(m.metadata["computed"].value for m in mats) == 0
     assert {p: p.read_bytes() for p in (tmp_path / "out" / "feature-cache").rglob("part_*.parquet")} == parts
+    (evaluation,) = res.get_asset_check_evaluations()  # nothing new: counts from the index, no payload read
+    assert evaluation.passed and evaluation.metadata["payloads_verified"].value == 0
+    assert evaluation.metadata["records_checked"].value == len(RecordStore(settings.record_cache_path("train")))
+
+    # the summary of every split, downstream of the record cache and all 64 shards of its features
+    res = dg.materialize([*everything, graph.summary], selection=[graph.summary], instance=instance,
+                         resources=graph.resources, tags=_range_tags("train", "test"))
+    assert res.success
+    summaries = {m.partition: m.metadata for m in res.asset_materializations_for_node("split_summary")}
+    for split in SPLITS:
+        records = len(RecordStore(settings.record_cache_path(split)))
+        meta = summaries[split]
+        assert meta["dagster/row_count"].value == meta["squeezeformer_with_features"].value == records
+        assert meta["squeezeformer_failures"].value == 0
+        # the latest run of train's shards computed nothing; the others' only run computed all
+        assert meta["squeezeformer_computed"].value == (0 if split == "train" else records)
+        assert meta["squeezeformer_already_cached"].value == (records if split == "train" else 0)
+        assert meta["summary"].value.count("data:image/png;base64,") == 3
 
 
 def _report_ids(reports: Path) -> set[str]:

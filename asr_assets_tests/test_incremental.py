@@ -176,37 +176,3 @@ def test_sensor_tick_only_stats_files_even_with_thousands_of_manifests(tmp_path,
     assert result.asset_events[0].metadata["roots"].value[str(tmp_path)]["files"] == 3000
     monkeypatch.undo()
     assert len(result.cursor) < 200  # one digest per root, not a file list
-
-
-def test_corrupt_payload_fails_the_check_is_tombstoned_and_recomputed(tmp_path):
-    """A payload damaged on disk: the check fails and names it, the next run computes it again."""
-    from asr_assets.defs.partitions import feature_partition_key
-    from asr_assets.feature_cache import ShardWriter, cache_key, shard_index
-
-    _copy_sample(tmp_path)
-    settings = Settings(manifests=(str(tmp_path),), output=str(tmp_path / "out"), workers=1)
-    build_record_cache(settings, "train")
-    build_feature_shards(settings, "squeezeformer", "train", range(64))
-    uid = RecordStore(settings.record_cache_path("train"))[0]["utterance_id"]
-    root = settings.feature_split_root("train")
-    cache = ShardedParquetFeatureCache(root)
-    good = cache.load(uid)
-    fh = cache._frontend_hash("squeezeformer")
-    key = cache_key(uid, fh)
-    shard = shard_index(key)
-    with ShardWriter(root, shard, metadata={"frontend_hash": fh}) as writer:  # newest part: torn payload
-        writer.add_payload(key, b"SFCF32L1" + b"\x05\x00\x00\x00\x50\x00\x00\x00" + b"\x00" * 12)
-    graph = build_graph(settings)
-    everything = [graph.manifests, graph.record_cache, *graph.feature_assets, *graph.checks]
-    instance = dg.DagsterInstance.ephemeral()
-    pk = feature_partition_key("train", shard)
-    first = dg.materialize(everything, selection=list(graph.feature_assets), partition_key=pk, instance=instance,
-                           resources=graph.resources, raise_on_error=False)
-    (evaluation,) = first.get_asset_check_evaluations()
-    assert not evaluation.passed and evaluation.metadata["tombstoned_for_recompute"].value == 1
-    assert uid in json.dumps(evaluation.metadata["invalid_features"].value)
-    second = dg.materialize(everything, selection=list(graph.feature_assets), partition_key=pk, instance=instance,
-                            resources=graph.resources)
-    assert second.get_asset_check_evaluations()[0].passed
-    assert second.asset_materializations_for_node("squeezeformer_features")[0].metadata["computed"].value == 1
-    np.testing.assert_array_equal(ShardedParquetFeatureCache(root).load(uid), good)

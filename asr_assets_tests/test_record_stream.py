@@ -139,6 +139,65 @@ def _adversarial_corpus(root: Path, rng: random.Random) -> None:
     pq.write_table(pa.table({"id": ["q1", "q2"], "text": [b"bytes text", b"\xff\xfe"], "path": ["a.flac", "b.flac"],
                              "duration": ["1.5", "x"]}), hf / "b.parquet")
     (hf / "c.parquet").write_bytes(b"not parquet")
+    _segment_manifests(root, hf, rng, names, blob)
+
+
+def _segment_manifests(root: Path, hf: Path, rng: random.Random, names: list[str], blob: bytes) -> None:
+    """Segments of long recordings (``offset``/``start`` + ``duration``): valid, overlapping, on and
+    off the sample grid, negative/unparseable/non-finite offsets, missing or non-positive
+    durations, over the duration cap, an empty offset (a whole file), the ``start`` alias, both
+    columns (``offset`` wins), Parquet with ``start`` (floats, ints, strings, booleans, embedded
+    bytes shared by several segments)."""
+    clip = f"clips/{names[0]}"
+    fixed = [  # (id, path, sentence, duration, offset)
+        ("seg-a", clip, "a valid segment of the book", "4.0", "0"),
+        ("seg-b", clip, "an overlapping segment of it", "4.0", "2.5"),
+        ("seg-c", clip, "off the sample grid here", "3.3333333", "1.00001"),
+        ("seg-neg", clip, "negative offset here", "2.0", "-0.5"),
+        ("seg-nodur", clip, "missing duration here", "", "1.0"),
+        ("seg-zero", clip, "zero duration here", "0", "1.0"),
+        ("seg-negdur", clip, "negative duration here", "-2", "1.0"),
+        ("seg-nandur", clip, "nan duration here", "nan", "1.0"),
+        ("seg-infdur", clip, "infinite duration here", "inf", "1.0"),
+        ("seg-cap", clip, "over the duration cap by far", "45.0", "3.0"),
+        ("seg-capedge", clip, "just over the duration cap", "30.0000001", "3.0"),
+        ("seg-nan", clip, "nan offset here", "2.0", "nan"),
+        ("seg-inf", clip, "infinite offset here", "2.0", "inf"),
+        ("seg-bad", clip, "unparseable offset here", "2.0", "soon"),
+        ("seg-whole", clip, "empty offset is a whole file", "2.0", " "),
+        ("seg-whole0", clip, "empty offset and no duration", "", ""),
+        ("seg-minus0", clip, "minus zero offset here", "2.0", "-0"),
+        ("seg-tiny", clip, "a tiny offset here", "2.0", "1e-7"),
+        ("seg-underscore", clip, "an underscored offset", "2.0", "1_5"),
+        ("seg-missing", "clips/missing.flac", "segment of a missing file", "2.0", "1.0"),
+        ("seg-fast", clip, "way too many words for such a short segment of audio", "0.2", "5.0"),
+        ("seg-a", clip, "a duplicate segment id", "1.0", "7.0"),
+    ]
+    offsets = ["0", "0.0", "1.25", "-0.5", "", " ", "abc", "nan", "inf", "-inf", "-0", "1e-7", "3", "  2.5 ", "1e3"]
+    durations = ["1.5", "2", "0", "-1", "", "nan", "inf", "1e3", " 2.5 ", "abc", "0.004", "30.0", "30.0000001", "5"]
+    texts = ["hello there", "a b c", "one two three four", "x", "?", "", "the quick brown fox jumps"]
+    rows = list(fixed) + [(f"seg-r{k}", rng.choice([clip, f"clips/{names[1]}", "clips/missing.flac", ""]),
+                           rng.choice(texts), rng.choice(durations), rng.choice(offsets)) for k in range(150)]
+    body = "".join(f"{i}\t{p}\t{t}\t{d}\t{o}\n" for i, p, t, d, o in rows)
+    (root / "g_segments.tsv").write_text("id\tpath\tsentence\tduration\toffset\n" + body, encoding="utf-8")
+    alias = "".join(f"st-{i}\t{p}\t{t}\t{d}\t{o}\n" for i, p, t, d, o in rows[:60])
+    (root / "h_start.tsv").write_text("id\tpath\ttext\tduration_seconds\tstart\n" + alias, encoding="utf-8")
+    both = "".join(f"both-{i}\t{p}\t{t}\t{d}\t{o}\t99\n" for i, p, t, d, o in rows[:30])
+    (root / "i_both.tsv").write_text("id\tpath\tsentence\tduration\toffset\tstart\n" + both, encoding="utf-8")
+    pq.write_table(pa.table({
+        "id": ["ps1", "ps2", "ps3", "ps4", "ps5", "ps6", "ps7", "ps8", "ps9"],
+        "audio": [{"bytes": blob, "path": "book.flac"}] * 3 + [{"bytes": None, "path": str(root / clip)}] * 6,
+        "text": ["first segment", "second segment", "third overlapping", "from a path", "negative start",
+                 "no duration", "over the cap", "whole file", "integer start"],
+        "duration": [2.0, 2.0, 3.0, 1.5, 1.0, None, 31.0, 1.0, 2.0],
+        "start": [0.0, 2.0, 1.0, 0.25, -1.0, 1.0, 0.0, None, 3.0],
+    }), hf / "d_start.parquet")
+    pq.write_table(pa.table({"id": ["pt1", "pt2", "pt3", "pt4"], "path": [str(root / clip)] * 4,
+                             "sentence": ["string start", "bad string start", "empty start", "int start"],
+                             "duration": [1.0, 1.0, 1.0, 2],
+                             "offset": ["0.5", "later", " ", "2"]}), hf / "e_offset_text.parquet")
+    pq.write_table(pa.table({"id": ["pb1", "pb2"], "path": [str(root / clip)] * 2, "sentence": ["bool start", "bool start two"],
+                             "duration": [1.0, 1.0], "start": [True, False]}), hf / "f_start_bool.parquet")
 
 
 def _outputs(settings: Settings, splits=SPLITS) -> dict[str, bytes]:
@@ -202,6 +261,17 @@ def test_adversarial_manifests_byte_identical_to_the_reference(tmp_path, monkeyp
     for reason in (b"duplicate utterance_id", b"not valid UTF-8", b"expected 6 cells", b"unparseable duration",
                    b"is not finite", b"symbol ratio", b"no transcript", b"over the 0.25 MiB limit"):
         assert reason in reports, reason
+    if case == "default":
+        stores = b"".join(v for k, v in got.items() if k.endswith(".jsonl"))
+        for reason in (b"is negative", b"s is not finite", b"has no positive duration (none given)",
+                       b"unparseable offset 'soon'", b"unparseable offset 'later'", b"offset is a boolean",
+                       b"> max 30"):
+            assert reason in reports, reason
+        assert stores.count(b'"offset_seconds": ') > 10 and b'"utterance_id": "seg-b"' in stores
+        assert b'"utterance_id": "pt4", "speaker_id": null, "has_speaker_id": false, "offset_seconds": 2.0, ' \
+               b'"duration_seconds": 2.0}' in stores
+        assert b'"utterance_id": "ps2", "speaker_id": null, "has_speaker_id": false, "offset_seconds": 2.0, ' \
+               b'"duration_seconds": 2.0}' in stores
 
 
 def test_batches_are_the_per_row_readers_rows(tmp_path):

@@ -5,7 +5,7 @@
                            [--confine-audio [DIR]] [--no-ffmpeg-fallback] [--fail-fast]
     asr-assets frontends
     asr-assets compact [--output DIR] [--frontend NAME]... [--split SPLIT]...
-    asr-assets export [--output DIR] --split SPLIT [--frontend NAME] --backend NAME --to DIR
+    asr-assets export [--output DIR] --split SPLIT [--frontend NAME] --backend NAME --to PATH [--store DIR]
     asr-assets record-cache --dataset-source PATH... --record-cache-dir DIR [upstream flags]   (alias build-record-cache)
     asr-assets warm (--input F | --input-folder D... | --input-record-cache J) --cache-dir ROOT [upstream flags]
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
         configure(verbosity=args.verbose or 0)
         if args.command == "materialize":
-            return materialize(_settings(args))
+            return materialize(_settings(args), progress=args.progress)
         run = {"frontends": frontends, "compact": compact, "export": export, "record-cache": record_cache,
                "build-record-cache": record_cache, "warm": warm}[args.command]
         return run(args)

@@ -2,8 +2,10 @@
 ``DAGSTER_HOME`` (default ``./dagster_home``).
 
 One run per split of ``record_cache``, then one run per split covering the shards with work of
-every enabled frontend. Runs, lineage and metadata then show in ``dagster dev``. Progress,
-including the Dagster run log, goes to stdout; stderr carries only problems.
+every enabled frontend, then one ``split_summary`` run over the splits that changed. Runs,
+lineage and metadata then show in ``dagster dev``. The Dagster run log goes to stdout; stderr
+carries problems and, in a terminal (or with ``--progress``), a tqdm bar over the utterances
+being featurized (rate and ETA).
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                      help="wall-clock floor per utterance (decode + features); a worker past its limit, "
                           "max(SECONDS, 10 s per audio second), is killed and the utterance reported as "
                           "'timeout' (default: $ASR_ASSETS_UTTERANCE_TIMEOUT_S or 60)")
+    mat.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="show a progress bar over the utterances being featurized (rate, ETA) on stderr "
+                          "(default: only when stderr is a terminal)")
     return mat
 
 
@@ -92,10 +97,11 @@ def _manifest_files(settings: Settings) -> list[str]:
     return files
 
 
-def materialize(settings: Settings) -> int:
+def materialize(settings: Settings, progress: bool | None = None) -> int:
     """Run the whole graph; returns the process exit status.
 
-    The Dagster run log goes to stdout (stderr carries only problems).
+    The Dagster run log goes to stdout; stderr carries problems and the feature progress bar
+    (``progress``: True always, False never, None when stderr is a terminal).
 
     Raises:
         ConfigError: ``DAGSTER_HOME`` cannot be used.
@@ -105,10 +111,11 @@ def materialize(settings: Settings) -> int:
     import contextlib
     import warnings
 
-    from ..pipeline import feature_shards_with_work, record_cache_is_up_to_date
+    from ..pipeline import feature_shards_with_work, progress_bars, record_cache_is_up_to_date
     from ..record_cache import RecordStore
 
     _common.dagster_home()
+    stderr = sys.stderr  # before Dagster's console log is redirected to stdout
     print(f"asr-assets: manifests {list(settings.manifests)} -> {settings.output_path} "
           f"(frontends {', '.join(settings.frontends)}; DAGSTER_HOME={os.environ['DAGSTER_HOME']})", flush=True)
 
@@ -143,7 +150,7 @@ def materialize(settings: Settings) -> int:
 
     from ..definitions import build_definitions
     from ..defs.assets import feature_asset_name
-    from ..defs.jobs import FEATURES_JOB, RECORD_CACHE_JOB, run_tags
+    from ..defs.jobs import FEATURES_JOB, RECORD_CACHE_JOB, SUMMARY_JOB, run_tags
     from ..defs.partitions import feature_partition_key
 
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
@@ -177,10 +184,15 @@ def materialize(settings: Settings) -> int:
         if busy is None:  # record caches were rebuilt: plan again
             busy = shards_with_work()
         assets = ",".join(feature_asset_name(name) for name in settings.frontends)
-        for split, shards in busy.items():  # one run per split over the range of shards with work
-            lo, hi = shards[0], shards[-1]
-            ok = run(FEATURES_JOB, feature_partition_key(split, lo), feature_partition_key(split, hi),
-                     f"features of {split}", run_tags(assets, split, shards=f"{lo:02d}-{hi:02d}")) and ok
+        with progress_bars(enabled=progress, file=stderr):  # the real stderr, not the redirected one
+            for split, shards in busy.items():  # one run per split over the range of shards with work
+                lo, hi = shards[0], shards[-1]
+                ok = run(FEATURES_JOB, feature_partition_key(split, lo), feature_partition_key(split, hi),
+                         f"features of {split}", run_tags(assets, split, shards=f"{lo:02d}-{hi:02d}")) and ok
+        changed = [split for split in SPLITS if split in stale or split in busy]
+        if changed:  # one run over the range of splits that changed
+            ok = run(SUMMARY_JOB, changed[0], changed[-1], "split_summary",
+                     run_tags("split_summary", ",".join(changed))) and ok
     _print_summary(settings)
     return 0 if ok else 1
 

@@ -1,5 +1,6 @@
-"""Assets: ``record_cache`` (per split) and one ``<frontend>_features`` asset per enabled frontend
-(per split x shard, depending on ``record_cache[split]``).
+"""Assets: ``record_cache`` (per split), one ``<frontend>_features`` asset per enabled frontend
+(per split x shard, depending on ``record_cache[split]``) and ``split_summary`` (per split,
+depending on the record cache and every shard of the split's features).
 
 Both iterate ``context.partition_keys``, so one run may cover one partition (CLI, UI) or a range
 (backfills with the multi-run policy, ``asr-assets materialize``); metadata is attached per
@@ -8,6 +9,7 @@ partition either way.
 
 import time
 from collections import Counter, defaultdict
+from typing import Sequence
 
 import dagster as dg
 import numpy as np
@@ -21,6 +23,8 @@ from .resources import AsrAssetsConfig
 MANIFESTS_KEY = dg.AssetKey("manifests")
 RECORD_CACHE_VERSION = "1"
 FEATURES_CODE_VERSION = "1"
+SUMMARY_CODE_VERSION = "1"
+SPLIT_SUMMARY = "split_summary"
 
 manifests = dg.AssetSpec(
     MANIFESTS_KEY,
@@ -139,6 +143,8 @@ def build_feature_asset(frontend: Frontend) -> dg.AssetsDefinition:
                         "worker_peak_rss_mib": round(s.worker_peak_rss_mib, 1),
                         "frames": s.frames,
                         "parts_written": s.parts_written,
+                        # read by the check: it verifies the payloads of these parts only
+                        "new_parts": dg.MetadataValue.json(s.part_names),
                         "empty_shard": s.records == 0,
                         "frontend_hash": frontend.frontend_hash(),
                         "path": dg.MetadataValue.path(str(settings.feature_split_root(split) / "feature_shards" / f"features_{shard:02d}")),
@@ -148,3 +154,65 @@ def build_feature_asset(frontend: Frontend) -> dg.AssetsDefinition:
                 )
 
     return _features
+
+
+def _summary_metadata(summary) -> dict:
+    """Dagster metadata of one split's :class:`~asr_assets.summary.SplitSummary`: the numbers
+    (plotted over time on the asset's page) and the Markdown report with its plots."""
+    from asr_assets.summary import summary_markdown
+
+    metadata = {
+        "summary": dg.MetadataValue.md(summary_markdown(summary)),
+        "dagster/row_count": summary.utterances,
+        "audio_hours": round(summary.audio_hours, 4),
+        "speakers": summary.speakers,
+        "rows_not_cached": sum(summary.rows_not_cached_by_stage.values()),
+        "rows_not_cached_by_stage": dg.MetadataValue.json(summary.rows_not_cached_by_stage),
+    }
+    for f in summary.features:
+        prefix = f.frontend.replace("-", "_")
+        metadata.update({
+            f"{prefix}_with_features": f.with_features,
+            f"{prefix}_failures": f.failures,
+            f"{prefix}_failures_by_stage": dg.MetadataValue.json(f.failures_by_stage),
+            f"{prefix}_computed": f.computed,
+            f"{prefix}_already_cached": f.already_cached,
+            f"{prefix}_xrt_per_core": round(f.xrt_per_core, 1),
+            f"{prefix}_xrt_wall": round(f.xrt_wall, 1),
+        })
+    return metadata
+
+
+def build_summary_asset(frontends: Sequence[Frontend], feature_assets: Sequence[dg.AssetsDefinition]) -> dg.AssetsDefinition:
+    """``split_summary``: per split, what the caches hold and what the latest runs did, as
+    Markdown with plots (duration and frames histograms, per-bin feature mean/std) and numbers.
+
+    Depends on ``record_cache[split]`` and on every ``<frontend>_features[NN|split]``; reads no
+    feature payload (:func:`asr_assets.summary.summarize_split`)."""
+    to_split = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="split")
+    names = tuple(f.name for f in frontends)
+
+    @dg.asset(
+        name=SPLIT_SUMMARY,
+        partitions_def=split_partitions,
+        deps=[record_cache, *(dg.AssetDep(a, partition_mapping=to_split) for a in feature_assets)],
+        group_name="summary",
+        kinds={"python", "markdown"},
+        code_version=SUMMARY_CODE_VERSION,
+        automation_condition=dg.AutomationCondition.eager(),
+        description=("Per split: utterances, hours, speakers, failures by stage, computed vs already cached and "
+                     "× real time of the latest feature runs, with the duration and frames-per-utterance "
+                     "histograms and each frontend's per-bin feature mean ± std (open the `summary` metadata)."),
+    )
+    def _split_summary(context: dg.AssetExecutionContext, asr_config: AsrAssetsConfig) -> dg.MaterializeResult:
+        from asr_assets.summary import summarize_split
+
+        settings = asr_config.settings(frontends=names)
+        for split in context.partition_keys:
+            metadata = _summary_metadata(summarize_split(settings, split, frontends))
+            if len(context.partition_keys) == 1:
+                return dg.MaterializeResult(metadata=metadata)
+            context.add_asset_metadata(metadata, partition_key=split)
+        return dg.MaterializeResult()
+
+    return _split_summary

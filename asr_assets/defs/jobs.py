@@ -3,6 +3,8 @@
 * ``record_cache_job`` — ``record_cache`` and its check, one split per run.
 * ``features_job`` — every enabled ``<frontend>_features`` asset and its check, a range of
   ``shard|split`` partitions per run (the CLI runs the 64 shards of one split).
+* ``summary_job`` — ``split_summary`` of one split or a range of splits (a job of its own:
+  Dagster runs only assets of one partitions definition together).
 
 Runs started by ``asr-assets`` also carry the tags ``asr/asset`` and ``asr/split``
 (:func:`run_tags`), filterable on the UI's Runs page.
@@ -14,16 +16,20 @@ import dagster as dg
 
 RECORD_CACHE_JOB = "record_cache_job"
 FEATURES_JOB = "features_job"
+SUMMARY_JOB = "summary_job"
 
 
-def build_jobs(record_cache: dg.AssetsDefinition, feature_assets: Sequence[dg.AssetsDefinition]) -> tuple:
-    """``(record_cache_job, features_job)`` over the given assets (checks included)."""
+def build_jobs(record_cache: dg.AssetsDefinition, feature_assets: Sequence[dg.AssetsDefinition],
+               summary: dg.AssetsDefinition) -> tuple:
+    """``(record_cache_job, features_job, summary_job)`` over the given assets (checks included)."""
     names = ", ".join(a.key.to_user_string() for a in feature_assets)
     return (
         dg.define_asset_job(RECORD_CACHE_JOB, selection=dg.AssetSelection.assets(record_cache),
                             description="Build the record cache of one split (JSONL, sidecars, audio blobs) and check it."),
         dg.define_asset_job(FEATURES_JOB, selection=dg.AssetSelection.assets(*feature_assets),
                             description=f"Compute the missing features of a range of shards ({names}) and check them."),
+        dg.define_asset_job(SUMMARY_JOB, selection=dg.AssetSelection.assets(summary),
+                            description="Summarize splits: counts, failures, latest runs, histograms, per-bin feature stats."),
     )
 
 

@@ -87,12 +87,14 @@ def manifest_sensor(context: dg.SensorEvaluationContext, asr_config: AsrAssetsCo
     )
 
 
-def build_automation_sensor(feature_assets) -> dg.AutomationConditionSensorDefinition:
-    """Evaluates the feature assets' eager condition: after ``record_cache[split]`` updates, the
-    split's shards are requested as a backfill (one run per 64 shards, see the backfill policy)."""
+def build_automation_sensor(assets) -> dg.AutomationConditionSensorDefinition:
+    """Evaluates the eager condition of ``assets`` (the feature assets and ``split_summary``):
+    after ``record_cache[split]`` updates, the split's shards are requested as a backfill (one run
+    per 64 shards, see the backfill policy); once every shard of a split is materialized and
+    one has changed, ``split_summary[split]`` follows."""
     return dg.AutomationConditionSensorDefinition(
         "feature_automation_sensor",
-        target=dg.AssetSelection.assets(*feature_assets),
+        target=dg.AssetSelection.assets(*assets),
         default_status=dg.DefaultSensorStatus.RUNNING,
         minimum_interval_seconds=30,
     )

@@ -1,0 +1,189 @@
+"""End to end on one hour of real speech: ``asr-assets materialize`` against lhotse, plus the no-op
+and +1 % re-runs.
+
+Usage::
+
+    PYTHONPATH=. python benchmarks/end_to_end.py [--hours 1.0] [--workers 2] [--data DIR]
+
+The corpus is built first, from real speech only: the clips of ``--data`` (default: the in-repo
+test data, ``asr_assets_tests/data``; ``../shared/data`` has more) are decoded, resampled to
+16 kHz mono and written as FLAC files with a Common-Voice-like ``manifest.tsv`` (``id, path,
+sentence, duration, client_id``), repeated under new ids until ``--hours`` is reached. Both tools
+then read the same FLAC files:
+
+* **asr_assets**: ``asr-assets materialize --manifests <corpus> --output <out> --workers N``, a
+  fresh process as a user runs it (Dagster start-up, record cache, squeezeformer fbank into the
+  sharded Parquet cache, the checks);
+* **lhotse** (when installed, with ``lilcom``): a fresh process that builds the ``RecordingSet``
+  (``Recording.from_file`` per file) and ``SupervisionSet`` from the same TSV, then
+  ``CutSet.compute_and_store_features(Fbank(), storage_type=LilcomChunkyWriter, num_jobs=N)``:
+  what icefall's ``compute_fbank_*.py`` scripts do;
+* **no-op**: ``asr-assets materialize`` again over the unchanged corpus (every file's mtime is
+  compared before and after: nothing may be rewritten);
+* **+1 %**: 1 % new rows appended to the manifest, then ``asr-assets materialize``. Its goal is
+  ``<= no-op + 1.5 x the featurization of the new rows``, where the featurization of the new rows is
+  the library's own feature stage of the first run (``build_feature_shards``, measured without
+  Dagster in this process) scaled by the share of new audio.
+
+The goals of issue 10 are printed beside the figures: materialize ``<= 0.8 x`` lhotse's wall time,
+a no-op ``<= 5 s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from asr_assets.audio import load_audio  # noqa: E402
+
+LHOTSE_SCRIPT = textwrap.dedent('''
+    import csv, sys, time
+    from lhotse import (CutSet, Fbank, LilcomChunkyWriter, Recording, RecordingSet, SupervisionSegment,
+                        SupervisionSet)
+    corpus, out, jobs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    with open(f"{corpus}/manifest.tsv", newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\\t"))
+    recordings = RecordingSet.from_recordings(Recording.from_file(f"{corpus}/{r['path']}", recording_id=r["id"])
+                                              for r in rows)
+    supervisions = SupervisionSet.from_segments(
+        SupervisionSegment(id=r["id"], recording_id=r["id"], start=0, duration=recordings[r["id"]].duration,
+                           text=r["sentence"], speaker=r["client_id"]) for r in rows)
+    cuts = CutSet.from_manifests(recordings=recordings, supervisions=supervisions)
+    cuts = cuts.compute_and_store_features(extractor=Fbank(), storage_path=f"{out}/feats", num_jobs=jobs,
+                                           storage_type=LilcomChunkyWriter)
+    cuts.to_file(f"{out}/cuts.jsonl.gz")
+    print(len(cuts))
+''')
+
+
+def speech_clips(data: Path) -> list[tuple[np.ndarray, str]]:
+    """Every decodable clip under ``data`` as 16 kHz mono float32 with its file stem as text."""
+    clips = []
+    for path in sorted(p for p in data.rglob("*") if p.suffix.lower() in {".wav", ".flac", ".ogg", ".opus", ".mp3"}):
+        if "broken" in path.parts:
+            continue
+        try:
+            samples = load_audio(str(path), target_rate=16000)
+        except Exception:
+            continue
+        if 0.5 * 16000 <= len(samples) <= 20 * 16000 and np.isfinite(samples).all():
+            clips.append((samples, path.stem.replace("_", " ")))
+    if not clips:
+        raise SystemExit(f"no speech clips under {data}")
+    return clips
+
+
+def write_corpus(root: Path, clips, seconds: float, start: int = 0, rows: list | None = None) -> list[dict]:
+    """FLAC files + ``manifest.tsv`` under ``root`` totalling ``seconds`` of audio (appends to ``rows``)."""
+    (root / "audio").mkdir(parents=True, exist_ok=True)
+    rows = rows if rows is not None else []
+    total, i = 0.0, start
+    while total < seconds:
+        samples, text = clips[i % len(clips)]
+        name = f"audio/utt{i:06d}.flac"
+        sf.write(root / name, samples, 16000, format="FLAC", subtype="PCM_16")
+        duration = len(samples) / 16000
+        rows.append({"id": f"utt{i:06d}", "path": name, "sentence": f"{text} {i}", "duration": f"{duration:.3f}",
+                     "client_id": f"spk{i % 40:02d}"})
+        total += duration
+        i += 1
+    with open(root / "manifest.tsv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]), delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def timed(cmd: list[str], **kwargs) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, **kwargs)
+    return time.perf_counter() - start
+
+
+def file_times(root: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def library_feature_stage(corpus: Path, workers: int) -> tuple[float, float]:
+    """(seconds of build_feature_shards over all splits, audio seconds) without Dagster."""
+    from asr_assets.pipeline import build_feature_shards, build_record_cache
+    from asr_assets.settings import SPLITS, Settings
+
+    out = Path(tempfile.mkdtemp(prefix="asr-e2e-lib-"))
+    try:
+        settings = Settings(manifests=(str(corpus),), output=str(out), workers=workers, frontends=("squeezeformer",))
+        for split in SPLITS:
+            build_record_cache(settings, split)
+        start, audio = time.perf_counter(), 0.0
+        for split in SPLITS:
+            audio += sum(s.audio_seconds for s in build_feature_shards(settings, "squeezeformer", split, range(64)).values())
+        return time.perf_counter() - start, audio
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hours", type=float, default=1.0)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=REPO / "asr_assets_tests" / "data")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="asr-e2e-"))
+    env = {**os.environ, "DAGSTER_HOME": str(root / "dagster_home"), "PYTHONPATH": str(REPO)}
+    (root / "dagster_home").mkdir()
+    try:
+        clips = speech_clips(args.data)
+        corpus = root / "corpus"
+        rows = write_corpus(corpus, clips, args.hours * 3600)
+        hours = sum(float(r["duration"]) for r in rows) / 3600
+        print(f"corpus: {len(rows)} FLAC files, {hours:.2f} h of real speech from {len(clips)} clips of {args.data}")
+        asr = [sys.executable, "-m", "asr_assets.cli", "materialize", "--manifests", str(corpus),
+               "--output", str(root / "out"), "--workers", str(args.workers), "--frontend", "squeezeformer"]
+        first = timed(asr, env=env)
+        before = file_times(root / "out")
+        noop = timed(asr, env=env)
+        rewritten = sum(1 for p, t in file_times(root / "out").items() if before.get(p) != t)
+        lhotse_s = None
+        try:
+            import lhotse  # noqa: F401
+            import lilcom  # noqa: F401
+        except ImportError:
+            print("lhotse or lilcom not installed: the lhotse row is skipped")
+        else:
+            lhotse_s = timed([sys.executable, "-c", LHOTSE_SCRIPT, str(corpus), str(root / "lhotse"), str(args.workers)],
+                             env={**env, "OMP_NUM_THREADS": "1"})
+        feature_stage, audio = library_feature_stage(corpus, args.workers)
+        new_rows = write_corpus(corpus, clips, 0.01 * hours * 3600, start=len(rows), rows=list(rows))[len(rows):]
+        new_audio = sum(float(r["duration"]) for r in new_rows)
+        plus = timed(asr, env=env)
+        budget = noop + 1.5 * feature_stage * new_audio / audio
+        print(f"\n{hours:.2f} h, {args.workers} workers, squeezeformer fbank (lhotse: Fbank, LilcomChunkyWriter)\n")
+        print("| run | wall s | goal |\n|---|---:|---|")
+        ratio = f" ({first / lhotse_s:.2f}x lhotse)" if lhotse_s else ""
+        print(f"| asr-assets materialize, first run | {first:.1f}{ratio} | <= 0.8x lhotse |")
+        if lhotse_s:
+            print(f"| lhotse compute_and_store_features | {lhotse_s:.1f} | |")
+        print(f"| library feature stage alone (build_feature_shards, no Dagster) | {feature_stage:.1f} | |")
+        print(f"| asr-assets materialize, no-op ({rewritten} files rewritten) | {noop:.2f} | <= 5 s, 0 files |")
+        print(f"| asr-assets materialize, +1 % ({len(new_rows)} rows, {new_audio:.0f} s) | {plus:.2f} | "
+              f"<= {budget:.2f} s (no-op + 1.5x featurizing the new rows) |")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
