@@ -56,6 +56,8 @@ from .feature_cache import (
     ShardWriter,
     ShardedParquetFeatureCache,
     cache_key,
+    encode_features,
+    output_keys,
     part_metadata,
     shard_index,
     shard_lock,
@@ -132,6 +134,16 @@ def _limit_threads_in_worker() -> None:
     _THREADS_LIMITED_IN = os.getpid()
 
 
+def _as_tensor(features) -> torch.Tensor:
+    """A tensor of a named output's own dtype (float16, int32 ...) owning writable memory."""
+    if isinstance(features, torch.Tensor):
+        return features.detach().contiguous()
+    array = np.asarray(features)
+    if not array.flags.c_contiguous or not array.flags.writeable or isinstance(array, np.memmap):
+        array = np.array(array, order="C", copy=True)
+    return torch.from_numpy(array)
+
+
 def _as_float32_tensor(features) -> torch.Tensor:
     """``[frames, dims]`` float32 tensor owning writable memory (memmaps and read-only arrays are copied)."""
     if isinstance(features, torch.Tensor):
@@ -154,7 +166,9 @@ class FeatureDataset(Dataset):
     ============== ======================================================================
     utterance_id   str
     features       ``torch.float32 [frames, dims]`` (dims = the frontend's feature_dim;
-                   frames of 10 ms for the log-mel frontends, 20 ms for ``w2v-bert``)
+                   frames of 10 ms for the log-mel frontends, 20 ms for ``w2v-bert``); for a
+                   frontend with named outputs, the output ``output`` with its own dtype and
+                   shape (e.g. ``torch.float16 [frames, 768]``, ``torch.int32 [frames]``)
     num_frames     int, ``features.shape[0]``
     transcript     str (normalized, as in the record cache)
     speaker_id     str or None
@@ -180,6 +194,12 @@ class FeatureDataset(Dataset):
             by a batch (see :meth:`__getitems__`): after a first epoch that computed much, run
             ``asr-assets compact`` to merge the small parts.
 
+    Named outputs: a frontend registered with ``outputs=`` stores several arrays per utterance;
+    ``output=`` picks the one ``features`` holds (one dataset per output: zip two datasets of
+    the same split, whose indexes are the same records, to read features and tokens). The lazy
+    modes compute every output once per miss and ``"lazy_cached"`` writes all of them back
+    together (one part, the frontend key's shard), as the extractor does.
+
     Args:
         output_root: the ``--output`` folder of ``asr-assets materialize``.
         split: ``"train"``, ``"validation"`` or ``"test"``.
@@ -195,10 +215,15 @@ class FeatureDataset(Dataset):
             FFmpeg fallback on, audio over 60 s refused).
         duration_tolerance: relative mismatch allowed between the decoded audio and the
             record's duration (plus 0.5 s), as the extractor's; None disables the check.
+        output: for a frontend with named outputs, the output ``features`` holds (required
+            there); None for single-output frontends.
 
     Raises:
         FileNotFoundError: the split has no record cache under ``output_root``.
-        ValueError: unknown ``mode``, or ``store`` with a mode other than ``"eager"``.
+        ValueError: unknown ``mode``, ``store`` with a mode other than ``"eager"`` or with
+            ``output``.
+        FeatureConfigError: ``output`` missing for a frontend with named outputs (the message
+            lists them), unknown, or given for a single-output frontend.
         UnknownFrontendError: ``frontend`` is not a registered name.
 
     ``__getitem__`` raises :class:`FeaturesNotCachedError` (eager, store) or
@@ -210,11 +235,14 @@ class FeatureDataset(Dataset):
 
     def __init__(self, output_root: str | os.PathLike, split: str, frontend: str | Frontend = "squeezeformer",
                  mode: str = "eager", store: Any = None, *, num_shards: int = DEFAULT_NUM_SHARDS,
-                 decode_config: DecodeConfig | None = None, duration_tolerance: float | None = 0.1):
+                 decode_config: DecodeConfig | None = None, duration_tolerance: float | None = 0.1,
+                 output: str | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown FeatureDataset mode {mode!r}; use one of {', '.join(MODES)}")
         if store is not None and mode != "eager":
             raise ValueError(f"store= is read with eager semantics; mode {mode!r} cannot be combined with it")
+        if store is not None and output is not None:
+            raise ValueError("store= holds one array per utterance; output= selects a named output of the feature cache")
         if store is not None and not callable(getattr(store, "load", None)):
             raise TypeError(f"store must have a load(utterance_id) method, got {type(store).__name__}")
         settings = Settings(output=str(output_root))
@@ -230,6 +258,7 @@ class FeatureDataset(Dataset):
         self.records = RecordStore(record_path)
         self.frontend = get_frontend(frontend) if isinstance(frontend, str) else frontend
         self.frontend_hash = self.frontend.frontend_hash()
+        self.output = self.frontend.check_output(output) if store is None else None
         self.feature_root = settings.feature_split_root(split)
         self.num_shards = num_shards
         self.cache = ShardedParquetFeatureCache(self.feature_root, num_shards)
@@ -268,7 +297,8 @@ class FeatureDataset(Dataset):
         grouped by part, and in ``"lazy_cached"`` one write (one lock, one part) per shard."""
         records = [self.records[int(i)] for i in indices]
         features = self._features(records)
-        return [{"utterance_id": r["utterance_id"], "features": _as_float32_tensor(f), "num_frames": int(f.shape[0]),
+        tensor = _as_float32_tensor if self.output is None else _as_tensor
+        return [{"utterance_id": r["utterance_id"], "features": tensor(f), "num_frames": int(f.shape[0]),
                  "transcript": r["transcript"], "speaker_id": r.get("speaker_id")}
                 for r, f in zip(records, features)]
 
@@ -277,8 +307,9 @@ class FeatureDataset(Dataset):
         if self.store is not None:
             return [self._from_store(uid) for uid in ids]
         if self.mode == "lazy":
-            return [self.compute(r) for r in records]
-        found = self.cache.load_many(ids, frontend=self.frontend_hash)
+            return [self._selected(self.compute(r)) for r in records]
+        found = self.cache.load_many(ids, frontend=self.frontend if self.output else self.frontend_hash,
+                                     output=self.output)
         if self.mode == "eager":
             for uid, feats in zip(ids, found):
                 if feats is None:
@@ -302,9 +333,14 @@ class FeatureDataset(Dataset):
             raise self._missing(uid, f"store {self.store!r}", repr(self.store))
         return feats
 
-    def compute(self, record: dict) -> np.ndarray:
+    def _selected(self, computed):
+        """The array ``features`` holds, of what :meth:`compute` returned."""
+        return computed if self.output is None else computed[self.output]
+
+    def compute(self, record: dict):
         """float32 ``[frames, dims]`` of a record (a :class:`RecordStore` item) from its audio:
-        the extractor's decode, checks and frontend call. Never writes.
+        the extractor's decode, checks and frontend call. Never writes. For a frontend with
+        named outputs: every output, ``{name: array of its dtype}`` (checked as the extractor does).
 
         Raises:
             FeatureComputeError: naming the utterance, its audio and the stage.
@@ -344,6 +380,8 @@ class FeatureDataset(Dataset):
                                     f"needed for one frame")
         try:
             features = fe(samples, fe.sample_rate)
+            if fe.outputs is not None:
+                return fe.check_outputs(features)
         except Exception as exc:
             raise fail("featurize", f"{type(exc).__name__}: {exc}") from exc
         if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] != fe.feature_dim:
@@ -362,12 +400,18 @@ class FeatureDataset(Dataset):
             if feats is not None:
                 continue
             try:
-                results[i] = self.compute(record)
+                computed = self.compute(record)
             except FeatureComputeError as exc:
                 error = error or exc
                 continue
+            results[i] = self._selected(computed)
             key = cache_key(record["utterance_id"], self.frontend_hash)
-            pending.setdefault(shard_index(key, self.num_shards), {})[key] = results[i]
+            rows = pending.setdefault(shard_index(key, self.num_shards), {})
+            if self.output is None:
+                rows[key] = computed
+            else:  # every named output, in the frontend key's shard (they are written together)
+                keys = output_keys(record["utterance_id"], self.frontend)
+                rows.update((keys[name], array) for name, array in computed.items())
         for shard in sorted(pending):
             self._write_back(shard, pending[shard])
         if error is not None:
@@ -391,7 +435,10 @@ class FeatureDataset(Dataset):
                 writer = ShardWriter(self.feature_root, shard, rows_per_part=len(todo), metadata=self.part_metadata(),
                                      update_index=False)
                 for key, feats in todo:
-                    writer.add(key, feats)
+                    if self.output is None:
+                        writer.add(key, feats)
+                    else:
+                        writer.add_payload(key, encode_features(feats))
                 writer.close()
         self.cache.refresh(shard)  # our own part is visible to the next read
         return len(todo)
@@ -401,26 +448,34 @@ def collate_padded(items: Sequence[dict]) -> dict:
     """Stack :class:`FeatureDataset` items into a zero-padded batch.
 
     Args:
-        items: dicts with ``features`` (float32 ``[frames, dims]``, the same ``dims`` for all),
+        items: dicts with ``features`` (float32 ``[frames, dims]``, the same ``dims`` for all;
+            or a named output's tensors: one dtype for all, ``[frames]`` or ``[frames, dims]``),
             ``utterance_id``, ``transcript`` and optionally ``speaker_id``.
 
     Returns:
         ``{"features": float32 [B, T_max, D] (frames past an item's length are 0),
         "feature_lengths": int64 [B] (frames), "utterance_ids": list[str],
-        "transcripts": list[str], "speaker_ids": list[str | None]}``, in input order.
+        "transcripts": list[str], "speaker_ids": list[str | None]}``, in input order. When every
+        ``features`` is a tensor (as :class:`FeatureDataset` gives) the batch keeps their dtype
+        (a named output's float16, int32 ...) and 1-D ones give ``[B, T_max]``; other arrays are
+        converted to float32 and must be 2-D.
 
     Raises:
-        ValueError: no items, or features that are not 2-D or differ in ``dims``.
+        ValueError: no items, or features that are not 2-D or differ in ``dims``, or (named
+            outputs) differ in dtype or trailing shape.
     """
     if not items:
         raise ValueError("collate_padded needs at least one item")
-    feats = [_as_float32_tensor(item["features"]) for item in items]
-    dims = {f.shape[1] if f.ndim == 2 else None for f in feats}
-    if None in dims or len(dims) != 1:
-        shapes = ", ".join(f"{item['utterance_id']!r}: {tuple(f.shape)}" for item, f in zip(items, feats))
-        raise ValueError(f"collate_padded needs 2-D [frames, dims] features of one dims; got {shapes}")
+    raw = [item["features"] for item in items]
+    keep = all(isinstance(f, torch.Tensor) for f in raw)  # dataset items: keep their dtype (named outputs)
+    feats = [_as_tensor(f) for f in raw] if keep else [_as_float32_tensor(f) for f in raw]
+    shapes_ok = {(f.dtype, tuple(f.shape[1:])) for f in feats}
+    if len(shapes_ok) != 1 or any(f.ndim not in ((1, 2) if keep else (2,)) for f in feats):
+        shapes = ", ".join(f"{item['utterance_id']!r}: {tuple(f.shape)} {f.dtype}" for item, f in zip(items, feats))
+        raise ValueError(f"collate_padded needs 2-D [frames, dims] features of one dims (named outputs: one "
+                         f"dtype and trailing shape); got {shapes}")
     lengths = torch.tensor([f.shape[0] for f in feats], dtype=torch.int64)
-    out = torch.zeros((len(feats), int(lengths.max()), dims.pop()), dtype=torch.float32)
+    out = torch.zeros((len(feats), int(lengths.max()), *feats[0].shape[1:]), dtype=feats[0].dtype)
     for row, f in enumerate(feats):
         out[row, : f.shape[0]] = f
     return {"features": out, "feature_lengths": lengths, "utterance_ids": [item["utterance_id"] for item in items],

@@ -74,9 +74,9 @@ import threadpoolctl
 from ._fs import remove_stale_tmp
 from .audio import DecodeConfig, SegmentReader, load_audio
 from .errors import AsrAssetsError, ConfigError
+from .feature_cache import (ShardWriter, ShardedParquetFeatureCache, cache_key, encode_features, encode_payload,
+                            part_metadata, shard_dir, shard_index, shard_lock)
 from .key_index import record_keys, records_in_shards
-from .feature_cache import (ShardWriter, ShardedParquetFeatureCache, cache_key, encode_payload, part_metadata, shard_dir,
-                            shard_index, shard_lock)
 from .frontends import Frontend
 from .logs import configure_worker, trace, worker_config
 from .record_cache import RecordStore
@@ -251,7 +251,8 @@ def _segment_reader() -> SegmentReader:
 
 
 def _featurize(task: _Task) -> tuple:
-    """-> (payload, audio seconds, frames, failed stage, error, worker seconds, worker peak RSS MiB)."""
+    """-> (payload, audio seconds, frames, failed stage, error, worker seconds, worker peak RSS MiB);
+    the payload is ``{output name: payload}`` for a frontend with named outputs."""
     start = time.perf_counter()
     result = _featurize_timed(task)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -265,7 +266,7 @@ def _label(source) -> str:
     return f"path:{source}" if source is not None else "none"
 
 
-def _featurize_timed(task: _Task) -> tuple[bytes | None, float, int, str | None, str | None]:
+def _featurize_timed(task: _Task) -> tuple[bytes | dict[str, bytes] | None, float, int, str | None, str | None]:
     frontend: Frontend = _STATE["frontend"]
     start = time.perf_counter()
     if task.source is None:
@@ -298,6 +299,9 @@ def _featurize_timed(task: _Task) -> tuple[bytes | None, float, int, str | None,
         )
     try:
         features = frontend(samples, frontend.sample_rate)
+        if frontend.outputs is not None:  # named outputs -> {name: payload}, all rows of one part
+            outputs = frontend.check_outputs(features)  # in declared order
+            return _named_payloads(outputs), seconds, _first_frames(outputs), None, None
     except Exception as exc:
         return None, seconds, 0, "featurize", f"{type(exc).__name__}: {exc}"
     if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] != frontend.feature_dim:
@@ -307,6 +311,24 @@ def _featurize_timed(task: _Task) -> tuple[bytes | None, float, int, str | None,
     logger.debug("computed %s features utterance_id=%s frames=%d dim=%d (%.1f ms in all)", frontend.name,
                  task.utterance_id, features.shape[0], features.shape[1], 1e3 * (time.perf_counter() - start))
     return encode_payload(features), seconds, int(features.shape[0]), None, None
+
+
+def _named_payloads(outputs: dict[str, np.ndarray]) -> dict[str, bytes]:
+    """``{name: encode_features(array)}`` of a frontend's checked named outputs."""
+    return {name: encode_features(array) for name, array in outputs.items()}
+
+
+def _first_frames(outputs: dict[str, np.ndarray]) -> int:
+    """The ``frames`` statistic of named outputs: rows of the first one."""
+    return int(np.shape(next(iter(outputs.values())))[0])
+
+
+def _record_keys(task: _Task, output_hashes: dict[str | None, str]) -> dict[str | None, str]:
+    """Keys a record's features are stored under: ``{None: task.key}``, or one per named output
+    (all in ``task.shard``, the frontend key's shard; see :mod:`asr_assets.feature_cache`)."""
+    if None in output_hashes:
+        return {None: task.key}
+    return {name: cache_key(task.utterance_id, h) for name, h in output_hashes.items()}
 
 
 def plan_shard_tasks(store: RecordStore, frontend_hash: str, shards: Iterable[int], num_shards: int) -> dict[int, list[_Task]]:
@@ -328,16 +350,30 @@ def plan_shard_tasks(store: RecordStore, frontend_hash: str, shards: Iterable[in
     return plan
 
 
-def shards_with_work(store: RecordStore, split_root: str | os.PathLike, frontend_hash: str, num_shards: int,
+def shards_with_work(store: RecordStore, split_root: str | os.PathLike, frontend_hash: str | Frontend, num_shards: int,
                      known_failed: set[str] | frozenset = frozenset()) -> list[int]:
     """Shards in which :func:`extract_shards` would compute or tombstone something: a record
     whose key is not cached (and not in ``known_failed``, utterance ids that failed before), or a
     key this frontend cached for a record that is gone. Reads the split's key index and each
     shard's index (persisted, or part footers); no payload, and a record line only for a key
-    that is missing (to check it against ``known_failed``)."""
-    keys = record_keys(store, frontend_hash, num_shards)
+    that is missing (to check it against ``known_failed``). ``frontend_hash`` may be the
+    Frontend itself, which a frontend with named outputs needs (its outputs' keys derive from
+    its config; such a frontend's records are all read)."""
+    output_hashes = {None: None}
+    if isinstance(frontend_hash, Frontend):
+        output_hashes, frontend_hash = frontend_hash.output_hashes(), frontend_hash.frontend_hash()
     reader = ShardedParquetFeatureCache(split_root, num_shards)
     busy = []
+    if None not in output_hashes:  # named outputs: every output key of every record
+        for shard, tasks in plan_shard_tasks(store, frontend_hash, range(num_shards), num_shards).items():
+            present = reader.keys(shard, frontend_hash=frontend_hash)
+            keys = {task.key: _record_keys(task, output_hashes).values() for task in tasks}
+            wanted = set().union(*keys.values())
+            if present - wanted or any(not present.issuperset(keys[t.key]) and t.utterance_id not in known_failed
+                                       for t in tasks):
+                busy.append(shard)
+        return busy
+    keys = record_keys(store, frontend_hash, num_shards)
     for shard in range(num_shards):
         members = np.flatnonzero(keys.shards == shard)
         wanted = {keys.hex(i) for i in members}
@@ -366,6 +402,9 @@ def extract_shards(
     existing parts are never rewritten and a run with nothing new writes nothing. Keys this
     frontend wrote for records no longer in the record store get a tombstone. Writers of the
     same shard and frontend are serialized by :func:`asr_assets.feature_cache.shard_lock`.
+    A frontend with named outputs stores each output under its own key, all in the shard of the
+    utterance's frontend key and in the same part; a record counts as cached when every output
+    is, and ``frames`` counts the first output's rows.
 
     Args:
         store: the split's record store.
@@ -394,13 +433,15 @@ def _extract_locked(plan, split_root, frontend: Frontend, fhash: str, config: Ex
     stats = {s: ShardStats(shard=s, records=len(tasks)) for s, tasks in plan.items()}
     todo: list[_Task] = []
     orphans: dict[int, list[str]] = {}
+    output_hashes = frontend.output_hashes()  # {None: fhash}, or one hash per named output
     for shard, tasks in plan.items():
         remove_stale_tmp(shard_dir(split_root, shard))  # left by killed writers
         present = reader.keys(shard, frontend_hash=fhash)
-        wanted = {task.key for task in tasks}
+        keys = {task.key: _record_keys(task, output_hashes).values() for task in tasks}
+        wanted = set().union(*keys.values())
         orphans[shard] = sorted(present - wanted)  # records gone from the record cache
         for task in tasks:
-            if task.key in present:
+            if present.issuperset(keys[task.key]):
                 stats[shard].skipped += 1
             else:
                 todo.append(task)
@@ -441,8 +482,12 @@ def _extract_locked(plan, split_root, frontend: Frontend, fhash: str, config: Ex
             else:
                 trace(logger, "utterance_id=%s shard=%02d source=%s frames=%d audio=%.2f s", task.utterance_id,
                       task.shard, _label(task.source), frames, seconds)
-                writers[task.shard].add_payload(task.key, payload)
-                shard_stats.add_moments(payload)
+                if isinstance(payload, dict):  # named outputs: the same part, under their own keys
+                    names = _record_keys(task, output_hashes)
+                    writers[task.shard].add_payloads([(names[name], value) for name, value in payload.items()])
+                else:
+                    writers[task.shard].add_payload(task.key, payload)
+                    shard_stats.add_moments(payload)  # per-bin sums of the split summary (single output)
                 shard_stats.computed += 1
                 shard_stats.audio_seconds += seconds
                 shard_stats.frames += frames

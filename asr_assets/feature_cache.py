@@ -2,24 +2,50 @@
 
 Entry points:
     - :func:`cache_key`, :func:`shard_index` — ``sha256(f"{utterance_id}:{hash12}")``, ``int(key[:8], 16) % 64``.
-    - :func:`encode_payload`, :func:`decode_payload` — the ``SFCF32L1`` payload.
+    - :func:`encode_features`, :func:`decode_features` — a payload of any stored kind (below);
+      :func:`encode_payload`, :func:`decode_payload` — the ``SFCF32L1`` payload alone.
+    - :func:`output_keys` — the cache key of each output of a frontend for one utterance.
     - :class:`ShardWriter` — appends parts to one shard, each part atomically renamed into place.
     - :class:`ShardedParquetFeatureCache` — reader with upstream semantics (newest part wins,
       last row of a key within a part wins, tombstones).
+    - :func:`check_stored_outputs` — is one record's stored feature set complete and valid?
 
 Layout::
 
     <split_root>/feature_shards/features_NN/part_<pid>_<time_ns>_<counter:06d>.parquet
-        key: string, payload: binary (SFCF32L1, null for a tombstone), deleted: bool
+        key: string, payload: binary (see below, null for a tombstone), deleted: bool
 
 A part is written as ``.part_*.parquet.tmp.<host>-<pid>`` in the same folder and renamed, so readers,
 which list ``part_*.parquet`` only, never see a half-written part. Each part carries Parquet
-key-value metadata saying how it was written (format, frontend, hash, config repr).
+key-value metadata saying how it was written (format, frontend, hash, config repr, and
+``outputs`` for a frontend with named outputs).
+
+Payloads: a reader tells the kinds apart by their first bytes, nothing else:
+
+* ``b"SFCF32L1"`` — u32 LE rows, u32 LE cols, float32 LE row-major ``[rows, cols]`` (spec §3.4).
+  Every single-output frontend writes this; so does a named output that is float32 2-D.
+* ``b"\x93NUMPY"`` — a ``.npy`` file (numpy format 1.0/2.0, C order, little-endian, never an
+  object dtype), what ``np.save(f, array, allow_pickle=False)`` writes: any other named output
+  (float16 features, int32 tokens, 1-D arrays ...). Read it with ``np.load(io.BytesIO(payload),
+  allow_pickle=False)``. An asr_assets extension: upstream never writes or reads it.
+* anything else — a legacy upstream Python ``torch.save`` payload, read only with torch's
+  ``weights_only=True`` loader (:func:`decode_legacy_torch_payload`), never unpickled.
+
+Named outputs (an asr_assets extension; upstream has none and never looks these keys up): the
+output ``name`` of a frontend declaring ``outputs`` is stored under
+``cache_key(utterance_id, frontend.output_hash(name))`` (the output hash is the frontend's
+config dict plus ``"output": name``, :meth:`asr_assets.frontends.Frontend.output_hash`), but
+**in the shard of the utterance's frontend key**, ``shard_index(cache_key(utterance_id,
+frontend.frontend_hash()))``, not in the one its own key's prefix names; all outputs of an
+utterance are written in the same part, so they appear together or not at all. A reader looks a
+named output up in that shard (:meth:`ShardedParquetFeatureCache.load` with ``output=`` does).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import logging
 import math
 import os
@@ -27,14 +53,18 @@ import struct
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ._fs import file_lock, fsync_file, tmp_suffix
-from .errors import CacheCorruptError
+from .errors import CacheCorruptError, FeatureConfigError
+
+if TYPE_CHECKING:
+    from .frontends import Frontend
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +83,11 @@ PART_WRITE_OPTIONS = {
 }
 
 MAGIC = b"SFCF32L1"
+#: First bytes of a ``.npy`` payload (numpy format): any named output not float32 2-D.
+NPY_MAGIC = b"\x93NUMPY"
+#: dtype kinds :func:`encode_features` stores as ``.npy``: bool, int, uint, float.
+NPY_DTYPE_KINDS = "biuf"
+_NPY_MAX_HEADER = 10000  # numpy's own default limit of np.load
 DEFAULT_NUM_SHARDS = 64
 SCHEMA = pa.schema([("key", pa.string()), ("payload", pa.binary()), ("deleted", pa.bool_())])
 _HEADER = struct.Struct("<8sII")
@@ -71,6 +106,103 @@ def shard_index(key: str, num_shards: int = DEFAULT_NUM_SHARDS) -> int:
 def shard_dir(split_root: str | os.PathLike, shard: int) -> Path:
     """``<split_root>/feature_shards/features_NN``."""
     return Path(split_root) / "feature_shards" / f"features_{shard:02d}"
+
+
+def output_keys(utterance_id: str, frontend: "Frontend") -> dict[str | None, str]:
+    """Cache key of each output of ``frontend`` for one utterance, in declared order.
+
+    Returns:
+        ``{None: cache_key(utterance_id, frontend_hash)}`` for a single-output frontend, else
+        ``{name: cache_key(utterance_id, frontend.output_hash(name))}``. Every key lives in the
+        shard ``shard_index(cache_key(utterance_id, frontend.frontend_hash()))`` (module docstring).
+    """
+    return {name: cache_key(utterance_id, h) for name, h in frontend.output_hashes().items()}
+
+
+def encode_features(array: np.ndarray) -> bytes:
+    """The payload of one stored array: ``SFCF32L1`` when it is float32 2-D (spec §3.4, what
+    upstream reads), else ``.npy`` bytes (``np.save(..., allow_pickle=False)``, C order,
+    little-endian), which keep any other dtype and shape exactly.
+
+    Args:
+        array: ``float32 (num_frames, dims)``, or any bool/int/uint/float array.
+
+    Returns:
+        Bytes starting with :data:`MAGIC` or :data:`NPY_MAGIC` (:func:`decode_features` reads both).
+
+    Raises:
+        TypeError: an object, string, complex or structured dtype (an object array would need
+            pickle, which is never written).
+    """
+    a = np.asarray(array)
+    if a.dtype == np.float32 and a.ndim == 2:
+        return encode_payload(a)
+    if a.dtype.kind not in NPY_DTYPE_KINDS or a.dtype.fields is not None or a.dtype.hasobject:
+        raise TypeError(f"cannot store an array of dtype {a.dtype}: use bool, int, uint or float "
+                        "(object arrays would need pickle, which the feature cache never writes)")
+    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    buffer = io.BytesIO()
+    np.save(buffer, a, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _npy_layout(value) -> tuple[int, np.dtype, tuple[int, ...], bool] | None:
+    """``(data offset, dtype, shape, fortran_order)`` of a ``.npy`` value whose data fill it
+    exactly, its header parsed by ``numpy.lib.format`` (what ``np.load`` uses); None if it is
+    not one (bad magic, version or header, an object dtype, a size that disagrees)."""
+    if len(value) < 10 or bytes(value[:6]) != NPY_MAGIC:
+        return None
+    fp = io.BytesIO(bytes(value[:_NPY_MAX_HEADER + 12]))
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            return None
+    except (ValueError, SyntaxError, TypeError, EOFError):
+        return None
+    if dtype.hasobject or dtype.itemsize == 0:
+        return None
+    offset = fp.tell()
+    if offset + math.prod(shape) * dtype.itemsize != len(value):
+        return None
+    return offset, dtype, shape, fortran
+
+
+def _decode_npy(value, *, copy: bool) -> np.ndarray:
+    layout = _npy_layout(value)
+    if layout is None:
+        raise CacheCorruptError(f"payload of {len(value)} bytes is not a valid .npy value without objects "
+                                "(bad header, object dtype or a size that disagrees with its shape)")
+    offset, dtype, shape, fortran = layout
+    array = np.frombuffer(value, dtype=dtype, count=math.prod(shape), offset=offset)
+    array = array.reshape(shape, order="F" if fortran else "C")
+    return array.copy() if copy else array
+
+
+def decode_features(payload: bytes | memoryview) -> np.ndarray:
+    """Inverse of :func:`encode_features` (and reader of legacy payloads), by the first bytes:
+
+    * ``SFCF32L1`` -> float32 ``[rows, cols]`` (:func:`decode_payload`);
+    * ``\x93NUMPY`` -> the array with its stored dtype and shape (as ``np.load(...,
+      allow_pickle=False)``);
+    * otherwise a legacy ``torch.save`` payload (:func:`decode_legacy_torch_payload`).
+
+    Returns:
+        A new writable array.
+
+    Raises:
+        CacheCorruptError: a malformed SFCF32L1 or ``.npy`` value, or a legacy payload that
+            torch is not installed for or refuses.
+    """
+    head = bytes(payload[:8])
+    if head == MAGIC:
+        return decode_payload(payload)
+    if head[:6] == NPY_MAGIC:
+        return _decode_npy(payload, copy=True)
+    return decode_legacy_torch_payload(bytes(payload))
 
 
 def encode_payload(features: np.ndarray) -> bytes:
@@ -98,7 +230,10 @@ def decode_payload(payload: bytes) -> np.ndarray:
 
 
 def _decode_view(payload: memoryview) -> np.ndarray:
-    """:func:`decode_payload` of a writable buffer, as a view of it (no copy)."""
+    """:func:`decode_features` of a writable buffer holding an SFCF32L1 or ``.npy`` value
+    (as :func:`_raw_payload` returns it), as a view of it (no copy)."""
+    if bytes(payload[:6]) == NPY_MAGIC:
+        return _decode_npy(payload, copy=False)
     _, rows, cols = _HEADER.unpack_from(payload)
     return np.frombuffer(payload, dtype="<f4", offset=_HEADER.size, count=rows * cols).reshape(rows, cols)
 
@@ -163,8 +298,12 @@ def shard_lock(split_root: str | os.PathLike, shard: int, frontend_hash: str):
 def part_metadata(frontend) -> dict:
     """The Parquet key-value metadata of a part written for ``frontend`` (a Frontend): name,
     hash, config repr, feature dim and sample rate, so readers and compaction know whose it is."""
-    return {"frontend": frontend.name, "frontend_hash": frontend.frontend_hash(), "config_repr": frontend.config_repr(),
-            "feature_dim": frontend.feature_dim, "sample_rate_hz": frontend.sample_rate}
+    metadata = {"frontend": frontend.name, "frontend_hash": frontend.frontend_hash(), "config_repr": frontend.config_repr(),
+                "feature_dim": frontend.feature_dim, "sample_rate_hz": frontend.sample_rate}
+    if getattr(frontend, "outputs", None) is not None:  # {name: {"dtype", "hash"}}, named outputs only
+        metadata["outputs"] = json.dumps({name: {"dtype": dtype, "hash": frontend.output_hash(name)}
+                                          for name, dtype in frontend.outputs.items()})
+    return metadata
 
 
 class ShardWriter:
@@ -197,8 +336,16 @@ class ShardWriter:
         self.add_payload(key, encode_payload(features))
 
     def add_payload(self, key: str, payload: bytes) -> None:
-        """Queue an already encoded SFCF32L1 payload under ``key``."""
+        """Queue an already encoded payload (:func:`encode_features`) under ``key``."""
         self._pending.append((key, payload, False))
+        if len(self._pending) >= self.rows_per_part:
+            self.flush()
+
+    def add_payloads(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Queue several encoded payloads that must land in the same part (the named outputs of
+        one utterance): a part is flushed only after all of them, so it may exceed
+        ``rows_per_part`` by ``len(items) - 1`` rows."""
+        self._pending.extend((key, payload, False) for key, payload in items)
         if len(self._pending) >= self.rows_per_part:
             self.flush()
 
@@ -315,22 +462,28 @@ def index_part(path: str | os.PathLike) -> PartIndex:
 
 
 def _raw_payload(chunk: bytearray) -> memoryview | None:
-    """The SFCF32L1 value at the end of a one-row ``payload`` column chunk, or None.
+    """The SFCF32L1 or ``.npy`` value at the end of a one-row ``payload`` column chunk, or None.
 
     A PLAIN BYTE_ARRAY page ends with ``u32 LE length`` + the value; the value is accepted only
-    where that length, the magic and ``16 + rows*cols*4`` all agree with the chunk's end, so a
-    page header that differs from what pyarrow writes (statistics, CRC, v2 pages) is never
-    misread: it just falls back to pyarrow.
+    where that length and the magic agree with the chunk's end and the value's own header does
+    too (``16 + rows*cols*4`` for SFCF32L1; for ``.npy`` the header, parsed by numpy, plus
+    ``prod(shape) * itemsize``), so a page header that differs from what pyarrow writes
+    (statistics, CRC, v2 pages) is never misread: it just falls back to pyarrow.
     """
     size = len(chunk)
-    at = chunk.find(MAGIC, 4, 1024)
-    while at != -1:
-        length = size - at
-        if int.from_bytes(chunk[at - 4:at], "little") == length and length >= _HEADER.size:
-            _, rows, cols = _HEADER.unpack_from(chunk, at)
-            if _HEADER.size + rows * cols * 4 == length:
-                return memoryview(chunk)[at:]
-        at = chunk.find(MAGIC, at + 1, 1024)
+    for magic in (MAGIC, NPY_MAGIC):
+        at = chunk.find(magic, 4, 1024)
+        while at != -1:
+            length = size - at
+            if int.from_bytes(chunk[at - 4:at], "little") == length:
+                if magic == MAGIC:
+                    if length >= _HEADER.size:
+                        _, rows, cols = _HEADER.unpack_from(chunk, at)
+                        if _HEADER.size + rows * cols * 4 == length:
+                            return memoryview(chunk)[at:]
+                elif _npy_layout(memoryview(chunk)[at:]) is not None:
+                    return memoryview(chunk)[at:]
+            at = chunk.find(magic, at + 1, 1024)
     return None
 
 
@@ -457,6 +610,8 @@ class ShardedParquetFeatureCache:
         self._parts: OrderedDict[Path, _Part] = OrderedDict()
         self._part_indexes: dict[int, dict[_Signature, PartIndex]] = {}
         self._hashes: dict[str, str] = {}
+        self._frontends: dict[str, "Frontend"] = {}
+        self._key_hashes: dict[tuple[str, str | None], tuple[str, str]] = {}
 
     def __getstate__(self) -> dict:  # no open files across processes (DataLoader workers)
         state = self.__dict__.copy()
@@ -477,9 +632,43 @@ class ShardedParquetFeatureCache:
             self._hashes[frontend] = cached
         return cached
 
-    def key(self, utterance_id: str, frontend="squeezeformer") -> str:
-        """Cache key of an utterance for a frontend (name, Frontend object or hash12)."""
-        return cache_key(utterance_id, self._frontend_hash(frontend))
+    def _frontend_object(self, frontend) -> "Frontend | None":
+        """The Frontend of a name or object (None for a hash12: its outputs are unknown)."""
+        if not isinstance(frontend, str):
+            return frontend
+        if len(frontend) == 12 and all(c in "0123456789abcdef" for c in frontend):
+            return None
+        built = self._frontends.get(frontend)
+        if built is None:
+            from .frontends import get_frontend
+
+            built = self._frontends[frontend] = get_frontend(frontend)
+        return built
+
+    def _output_key_hash(self, frontend, output: str | None) -> tuple[str, str]:
+        """``(frontend hash12, hash12 of the key)`` of one output (see :meth:`key`); cached for
+        names and hash12s (rendering a config costs about a third of a load)."""
+        named = isinstance(frontend, str)
+        if named and (frontend, output) in self._key_hashes:
+            return self._key_hashes[(frontend, output)]
+        fe = self._frontend_object(frontend)
+        if fe is None:
+            if output is not None:
+                raise FeatureConfigError(
+                    f"output={output!r} needs the frontend's name or Frontend object, not the hash12 {frontend!r}: "
+                    "a named output's key derives from the frontend's config dict")
+            found = (frontend, frontend)
+        else:
+            fhash = fe.frontend_hash()
+            found = (fhash, fhash if fe.check_output(output) is None else fe.output_hash(output))
+        if named:
+            self._key_hashes[(frontend, output)] = found
+        return found
+
+    def key(self, utterance_id: str, frontend="squeezeformer", output: str | None = None) -> str:
+        """Cache key of an utterance for a frontend (name, Frontend object or hash12) and, for a
+        frontend with named outputs, one of its outputs (see the module docstring)."""
+        return cache_key(utterance_id, self._output_key_hash(frontend, output)[1])
 
     def refresh(self, shard: int | None = None) -> None:
         """Re-validate the index of one shard (or all) on the next load: new parts become visible."""
@@ -558,6 +747,20 @@ class ShardedParquetFeatureCache:
             self._parts.move_to_end(part)
         return opened
 
+    @staticmethod
+    def _raw_payloads(part: Path, spans: Sequence[tuple[int, int]]) -> list[memoryview | None]:
+        """SFCF32L1 payloads at ``spans`` of one part: one ``pread`` each into a fresh writable
+        buffer; None where the chunk is not laid out as :func:`_raw_payload` expects."""
+        fd = os.open(part, os.O_RDONLY)
+        try:
+            out = []
+            for offset, length in spans:
+                chunk = bytearray(length)
+                out.append(_raw_payload(chunk) if os.preadv(fd, [chunk], offset) == length else None)
+            return out
+        finally:
+            os.close(fd)
+
     def _payloads(self, part: Path, rows: Sequence[int]) -> list[bytes | None]:
         """Payloads of ``rows`` of one part, reading each needed row group once."""
         opened = self._open(part)
@@ -576,13 +779,25 @@ class ShardedParquetFeatureCache:
         """Features stored under a cache key, or None if absent or tombstoned."""
         return self.load_keys([key])[0]
 
-    def load_keys(self, keys: Sequence[str]) -> list[np.ndarray | None]:
+    def load_keys(self, keys: Sequence[str], shards: Sequence[int] | None = None) -> list[np.ndarray | None]:
         """:meth:`load_key` for several keys, grouped by part (each row group read once).
 
         A payload laid out for raw reads (:class:`PartIndex`) is one ``pread`` of its column
         chunk into a writable buffer (the returned array is a view of it: no further copy);
         other parts are read through pyarrow.
+
+        Args:
+            keys: cache keys.
+            shards: the shard of each key; default ``shard_index(key)``. A named output's key
+                lives in its frontend key's shard (module docstring), so it must be given.
+
+        Returns:
+            Per key the stored array (float32 ``[frames, dims]`` for SFCF32L1, the stored dtype
+            and shape for ``.npy``), or None if absent or tombstoned.
         """
+        where_of = list(shards) if shards is not None else [shard_index(k, self.num_shards) for k in keys]
+        if len(where_of) != len(keys):
+            raise ValueError(f"{len(keys)} keys but {len(where_of)} shards")
         results: list[np.ndarray | None] = [None] * len(keys)
         pending = list(range(len(keys)))
         for attempt in range(3):
@@ -591,7 +806,7 @@ class ShardedParquetFeatureCache:
             by_part: dict[Path, list[tuple[int, int]]] = {}
             raw: dict[Path, list[tuple[int, int, tuple[int, int]]]] = {}
             for i in pending:
-                _, entries, _, spans = self._shard(shard_index(keys[i], self.num_shards))
+                _, entries, _, spans = self._shard(where_of[i])
                 where = entries.get(keys[i])
                 if where is not None:
                     span = spans.get(keys[i])
@@ -602,30 +817,25 @@ class ShardedParquetFeatureCache:
             retry = []
             for part, located in raw.items():
                 try:
-                    fd = os.open(part, os.O_RDONLY)
+                    payloads = self._raw_payloads(part, [span for _, _, span in located])
                 except FileNotFoundError:
-                    retry.extend(self._forget(keys, [i for i, _, _ in located]))
+                    retry.extend(self._forget(where_of, [i for i, _, _ in located]))
                     continue
-                try:
-                    for i, row, (offset, length) in located:
-                        chunk = bytearray(length)
-                        if os.preadv(fd, [chunk], offset) == length and (payload := _raw_payload(chunk)) is not None:
-                            results[i] = _decode_view(payload)
-                        else:  # not the layout we expected after all (a legacy payload ...): pyarrow reads it
-                            by_part.setdefault(part, []).append((i, row))
-                finally:
-                    os.close(fd)
+                for (i, row, _), payload in zip(located, payloads):
+                    if payload is not None:
+                        results[i] = _decode_view(payload)
+                    else:  # not the layout we expected after all (a legacy payload ...): pyarrow reads it
+                        by_part.setdefault(part, []).append((i, row))
             for part, located in by_part.items():
                 idxs = [i for i, _ in located]
                 try:
                     payloads = self._payloads(part, [row for _, row in located])
                 except FileNotFoundError:  # compacted away since the index was built
-                    retry.extend(self._forget(keys, idxs))
+                    retry.extend(self._forget(where_of, idxs))
                     continue
                 for i, payload in zip(idxs, payloads):
                     if payload is not None:
-                        results[i] = (decode_payload(payload) if bytes(payload[:8]) == MAGIC
-                                      else decode_legacy_torch_payload(bytes(payload)))
+                        results[i] = decode_features(payload)
             if not retry:
                 return results
             if attempt == 2:
@@ -633,34 +843,67 @@ class ShardedParquetFeatureCache:
             pending = retry
         return results
 
-    def _forget(self, keys: Sequence[str], idxs: list[int]) -> list[int]:
-        """Drop the indexes of the shards of ``keys[idxs]`` (a part vanished); returns ``idxs``."""
+    def _forget(self, shards: Sequence[int], idxs: list[int]) -> list[int]:
+        """Drop the indexes of ``shards[idxs]`` (a part vanished); returns ``idxs``."""
         for i in idxs:
-            shard = shard_index(keys[i], self.num_shards)
+            shard = shards[i]
             self._index.pop(shard, None)
             self._checked.pop(shard, None)
         return idxs
 
-    def load(self, utterance_id: str, frontend="squeezeformer") -> np.ndarray | None:
-        """float32 ``[frames, dims]`` of an utterance for a frontend, or None if not cached.
+    def load(self, utterance_id: str, frontend="squeezeformer", output: str | None = None) -> np.ndarray | None:
+        """Features of an utterance for a frontend, or None if not cached.
 
         Args:
             utterance_id: the record's ``utterance_id``.
-            frontend: registry name (``"squeezeformer"``), a Frontend object, or its hash12.
+            frontend: registry name (``"squeezeformer"``), a Frontend object, or its hash12
+                (a hash12 only for single-output frontends).
+            output: for a frontend with named outputs, which one (looked up in the shard of the
+                utterance's frontend key, see the module docstring); None otherwise.
+
+        Returns:
+            float32 ``[frames, dims]`` (SFCF32L1), or a named output with its stored dtype and
+            shape (``.npy``), e.g. int32 ``(frames,)`` tokens.
 
         Raises:
-            CacheCorruptError: the stored payload is neither valid SFCF32L1 nor (with torch
-                installed) a plain tensor saved by upstream's Python writer.
+            FeatureConfigError: ``output=None`` for a frontend with named outputs (the message
+                lists them), an unknown output name, or ``output`` with a hash12.
+            CacheCorruptError: the stored payload is neither valid SFCF32L1, nor a valid
+                ``.npy`` value, nor (with torch installed) a plain tensor saved by upstream's
+                Python writer.
         """
-        return self.load_keys([self.key(utterance_id, frontend)])[0]
+        return self.load_many([utterance_id], frontend, output)[0]
 
     #: SpeechBrain's reader name for :meth:`load`
     read = load
 
-    def load_many(self, utterance_ids: Sequence[str], frontend="squeezeformer") -> list[np.ndarray | None]:
-        """:meth:`load` for several utterances, reads grouped by part (one frontend hash)."""
-        fh = self._frontend_hash(frontend)
-        return self.load_keys([cache_key(u, fh) for u in utterance_ids])
+    def load_many(self, utterance_ids: Sequence[str], frontend="squeezeformer",
+                  output: str | None = None) -> list[np.ndarray | None]:
+        """:meth:`load` for several utterances, reads grouped by part (one frontend, one output)."""
+        fhash, khash = self._output_key_hash(frontend, output)
+        keys = [cache_key(u, khash) for u in utterance_ids]
+        if khash == fhash:
+            return self.load_keys(keys)
+        return self.load_keys(keys, [shard_index(cache_key(u, fhash), self.num_shards) for u in utterance_ids])
+
+    def load_outputs(self, utterance_id: str, frontend) -> dict[str, np.ndarray] | None:
+        """Every named output of an utterance, ``{name: array}`` in declared order, or None
+        unless all of them are cached (they are written together).
+
+        Raises:
+            FeatureConfigError: ``frontend`` has no named outputs or is a hash12.
+        """
+        fe = self._frontend_object(frontend)
+        if fe is None or fe.outputs is None:
+            raise FeatureConfigError(f"load_outputs needs a frontend with named outputs (a name or Frontend), "
+                                     f"got {frontend!r}")
+        fhash = self._frontend_hash(fe)
+        shard = shard_index(cache_key(utterance_id, fhash), self.num_shards)
+        keys = output_keys(utterance_id, fe)
+        arrays = self.load_keys(list(keys.values()), [shard] * len(keys))
+        if any(a is None for a in arrays):
+            return None
+        return dict(zip(keys, arrays))
 
     def close(self) -> None:
         """Close open parts and drop indexes."""
@@ -669,12 +912,108 @@ class ShardedParquetFeatureCache:
         self._checked.clear()
 
 
+@dataclass
+class StoredOutputsCheck:
+    """What :func:`check_stored_outputs` found for one record.
+
+    Attributes:
+        utterance_id: the record.
+        shard: the shard its outputs live in (the frontend key's).
+        missing: nothing is stored (no output present; a failure report should account for it).
+        problems: why the stored features are invalid, one line each (empty when valid or missing).
+        invalid_keys: keys to tombstone so the next run computes the record again (every
+            present key of an invalid record).
+        frames: rows of the first output (0 unless valid).
+    """
+
+    utterance_id: str
+    shard: int
+    missing: bool = False
+    problems: list[str] = field(default_factory=list)
+    invalid_keys: list[str] = field(default_factory=list)
+    frames: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """Every output present and valid."""
+        return not self.missing and not self.problems
+
+
+def _array_problem(array: np.ndarray, dtype: str, width: int | None) -> str | None:
+    """Why a stored array is not a valid output of ``dtype`` (and ``width`` columns), or None."""
+    if array.dtype != np.dtype(dtype):
+        return f"dtype {array.dtype}, declared {dtype}"
+    if array.ndim not in (1, 2) or array.shape[0] == 0 or array.size == 0:
+        return f"shape {array.shape}, expected (frames>0,) or (frames>0, dims>0)"
+    if width is not None and (array.ndim != 2 or array.shape[1] != width):
+        return f"shape {array.shape}, expected (frames>0, {width})"
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        return f"shape {array.shape}, {int((~np.isfinite(array)).sum())} non-finite values"
+    return None
+
+
+def check_stored_outputs(cache: ShardedParquetFeatureCache, frontend: "Frontend",
+                         utterance_id: str) -> StoredOutputsCheck:
+    """Validate one record's stored features of a frontend (what the feature asset check does).
+
+    A single-output frontend's payload must decode to float32 ``[frames > 0, feature_dim]``,
+    finite. A frontend with named outputs must have every output present (they are written
+    together), each decodable, of its declared dtype, 1-D or 2-D with frames > 0 and, for
+    floats, finite. Nothing is written; tombstone ``invalid_keys`` in ``shard`` with
+    :func:`tombstone_keys` to have them computed again.
+
+    Args:
+        cache: a reader of the split.
+        frontend: the Frontend object (its outputs and width are checked).
+        utterance_id: the record's ``utterance_id``.
+
+    Returns:
+        :class:`StoredOutputsCheck`.
+    """
+    fhash = frontend.frontend_hash()
+    shard = shard_index(cache_key(utterance_id, fhash), cache.num_shards)
+    verdict = StoredOutputsCheck(utterance_id, shard)
+    keys = output_keys(utterance_id, frontend)
+    declared = frontend.outputs or {None: "float32"}
+    width = frontend.feature_dim if frontend.outputs is None else None
+    absent: list[str] = []
+    first_frames = 0
+    for index, (name, key) in enumerate(keys.items()):
+        label = f"output {name!r}: " if name is not None else ""
+        try:
+            array = cache.load_keys([key], [shard])[0]
+        except CacheCorruptError as exc:
+            verdict.problems.append(f"{label}{exc}")
+            verdict.invalid_keys.append(key)
+            continue
+        if array is None:
+            absent.append(str(name))
+            continue
+        verdict.invalid_keys.append(key)  # kept only if something is wrong
+        problem = _array_problem(array, declared[name], width)
+        if problem is not None:
+            verdict.problems.append(f"{label}{problem}")
+        elif index == 0:
+            first_frames = int(array.shape[0])
+    if len(absent) == len(keys):
+        verdict.missing = True
+        verdict.invalid_keys.clear()
+    elif absent:
+        verdict.problems.append(f"outputs {absent} missing while others are stored")
+    if not verdict.problems:
+        verdict.invalid_keys.clear()
+        verdict.frames = first_frames
+    return verdict
+
+
 def tombstone_keys(split_root: str | os.PathLike, shard: int, frontend_hash: str, keys: Sequence[str],
                    metadata: dict | None = None) -> Path | None:
     """Write tombstones for ``keys`` of one shard (one new part), under the shard's writer lock.
 
     Used for payloads that cannot be decoded or hold invalid features: the next feature run
     sees the keys as missing and computes them again. Returns the part written, or None.
+    Named outputs' keys are tombstoned in their frontend key's shard
+    (:attr:`StoredOutputsCheck.shard`).
     """
     if not keys:
         return None

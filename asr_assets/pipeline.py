@@ -622,7 +622,7 @@ def feature_shards_with_work(settings: Settings, frontend: str | Frontend, split
     failed: set[str] = set()
     for shard in range(settings.num_shards):
         failed |= reported_failures(settings, fe.name, split, shard)
-    return shards_with_work(RecordStore(path), settings.feature_split_root(split), fe.frontend_hash(),
+    return shards_with_work(RecordStore(path), settings.feature_split_root(split), fe,
                             settings.num_shards, failed)
 
 
@@ -860,6 +860,8 @@ def verify_feature_shard(settings: Settings, frontend: Frontend, split: str, sha
     cache = ShardedParquetFeatureCache(split_root, settings.num_shards)
     live = cache.keys(shard, frontend_hash=fhash)
     failed = reported_failures(settings, frontend.name, split, shard)
+    if frontend.outputs:  # named outputs: a record has features when all its output keys are live
+        return _verify_named_outputs(result, cache, frontend, split_root, shard, new_parts, tasks, live, failed)
     for task in tasks:
         if task.key in live:
             result.with_features += 1
@@ -902,6 +904,43 @@ def verify_feature_shard(settings: Settings, frontend: Frontend, split: str, sha
                 continue
             judge(key, feats)
     tombstone_keys(split_root, shard, fhash, invalid_keys,
+                   metadata={"frontend": frontend.name, "reason": "invalid payload found by check"})
+    result.tombstoned = len(invalid_keys)
+    return result
+
+
+def _verify_named_outputs(result: ShardVerification, cache, frontend: Frontend, split_root: Path, shard: int,
+                          new_parts: Iterable[str], tasks: Sequence, live: set[str], failed: set[str]) -> ShardVerification:
+    """:func:`verify_feature_shard` for a frontend with named outputs: counts from the index, and
+    :func:`~asr_assets.feature_cache.check_stored_outputs` (presence of every output, dtype,
+    frames, finite) for each record with an output in ``new_parts``."""
+    from .feature_cache import check_stored_outputs, output_keys, tombstone_keys
+
+    names = set(new_parts)
+    entries = cache.shard_entries(shard)
+    invalid_keys: list[str] = []
+    parts = set()
+    for task in tasks:
+        keys = list(output_keys(task.utterance_id, frontend).values())
+        if all(k in live for k in keys):
+            result.with_features += 1
+        elif task.utterance_id in failed:
+            result.reported += 1
+            continue
+        elif not any(k in live for k in keys):
+            result.unaccounted.append(task.utterance_id)
+            continue
+        fresh = {entries[k][0] for k in keys if entries.get(k) is not None and entries[k][0].name in names}
+        if not fresh and all(k in live for k in keys):
+            continue  # written by an earlier run: not re-read
+        parts |= fresh
+        verdict = check_stored_outputs(cache, frontend, task.utterance_id)
+        result.payloads_read += len(keys)
+        if not verdict.ok:
+            result.invalid.append(f"{task.utterance_id}: {'; '.join(verdict.problems) or 'outputs missing'}")
+            invalid_keys.extend(verdict.invalid_keys)
+    result.parts_read = len(parts)
+    tombstone_keys(split_root, shard, frontend.frontend_hash(), invalid_keys,
                    metadata={"frontend": frontend.name, "reason": "invalid payload found by check"})
     result.tombstoned = len(invalid_keys)
     return result

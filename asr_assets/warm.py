@@ -366,9 +366,16 @@ def warm_feature_cache(batches: Iterable[list[WarmRow]], split_root: str | os.Pa
         progress_interval: log a progress line every this many rows (0: never).
 
     Raises:
+        ConfigError: ``frontend`` has named outputs (refused: upstream's warmer has none; the
+            graph's extractor writes them).
         AsrAssetsError: with ``config.fail_fast``, on the first row that fails (what was computed
             before it is written).
     """
+    if frontend.outputs is not None:
+        raise ConfigError(
+            f"frontend {frontend.name!r} has named outputs {list(frontend.outputs)}; the warmer writes upstream's "
+            "one float32 array per utterance key, which upstream can read. Featurize it with `asr-assets "
+            "materialize --frontend ...` (asr_assets.pipeline.build_feature_shards) instead")
     start = time.perf_counter()
     split_root = Path(split_root)
     (split_root / "feature_shards").mkdir(parents=True, exist_ok=True)

@@ -121,13 +121,18 @@ def _torn(payload: bytes) -> bytes:
 def payload_reads(monkeypatch) -> list[str]:
     """Names of the parts whose payloads any ShardedParquetFeatureCache reads (footers are not payloads)."""
     reads: list[str] = []
-    original = ShardedParquetFeatureCache._payloads
+    original, original_raw = ShardedParquetFeatureCache._payloads, ShardedParquetFeatureCache._raw_payloads
 
     def spy(self, part, rows):
         reads.extend([Path(part).name] * len(rows))
         return original(self, part, rows)
 
+    def spy_raw(part, spans):  # the raw pread path of parts laid out for it
+        reads.extend([Path(part).name] * len(spans))
+        return original_raw(part, spans)
+
     monkeypatch.setattr(ShardedParquetFeatureCache, "_payloads", spy)
+    monkeypatch.setattr(ShardedParquetFeatureCache, "_raw_payloads", staticmethod(spy_raw))
     return reads
 
 

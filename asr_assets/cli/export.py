@@ -20,6 +20,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     exp.add_argument("--split", required=True, choices=SPLITS, help="split to export")
     exp.add_argument("--frontend", metavar="NAME", default="squeezeformer",
                      help="frontend whose features to export, a name or a hash12 (default: squeezeformer)")
+    exp.add_argument("--output-name", metavar="NAME", default=None,
+                     help="for a frontend with named outputs: the (float) output to export")
     exp.add_argument("--backend", required=True, metavar="NAME",
                      help="storage backend: numpy_memmap or hdf5; or lhotse: a CutSet manifest whose features "
                           "point at the cache (read after `import asr_assets.bridges.lhotse`)")
@@ -71,8 +73,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"the feature cache {str(split_root)!r} holds no features of {args.frontend!r} ({wanted}); "
                           f"it holds: {held}")
     if lhotse:
+        if args.output_name:
+            raise ConfigError("--output-name is not supported with --backend lhotse (its features are float32 frames)")
         return _run_lhotse(args, settings, frontend)
-    summary = export_feature_store(split_root, args.to, backend=args.backend, frontend=frontend, record_cache=records)
+    summary = export_feature_store(split_root, args.to, backend=args.backend, frontend=frontend, record_cache=records,
+                                   output=args.output_name)
     what = f"{summary.frontend} {summary.frontend_hash}" if summary.frontend else summary.frontend_hash
     print(f"{args.split} [{what}] -> {summary.path} "
           f"({summary.storage_type}): {plural(summary.written, 'utterance')} written, {summary.missing} without "

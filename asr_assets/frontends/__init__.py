@@ -1,4 +1,5 @@
-"""Feature frontends of asr_assets: audio -> ``float32 (num_frames, feature_dim)`` features.
+"""Feature frontends of asr_assets: audio -> ``float32 (num_frames, feature_dim)`` features
+(or, for a user frontend registered with ``outputs=``, several named arrays of their own dtypes).
 
 Public entry points:
     * :func:`get_frontend` - build a registered frontend by name, with config overrides.
@@ -137,7 +138,7 @@ def compute_features(
         **overrides: config overrides, only with a name.
 
     Returns:
-        ``float32 (num_frames, feature_dim)``.
+        ``float32 (num_frames, feature_dim)``; ``{name: array}`` for a frontend with named outputs.
     """
     if isinstance(frontend, Frontend):
         if overrides:
@@ -160,6 +161,7 @@ def register_frontend(
     min_num_samples: int = 0,
     frames_fn: Callable[[int], int] | None = None,
     replace: bool = False,
+    outputs: dict[str, Any] | None = None,
 ):
     """Register a user-defined frontend (e.g. precomputed SSL features or tokens).
 
@@ -175,16 +177,32 @@ def register_frontend(
         def hubert_l9(samples_16k):          # float32 (num_samples,) -> (num_frames, 768)
             ...
 
+    Several named features per utterance, each with its own dtype and cache key
+    (``sha256(repr({"featurizer": {"type": name, **config, "output": output}}))[:12]``)::
+
+        @register_frontend("hubert-l9-units", config={"model": "hubert-base", "layer": 9, "k": 500},
+                           outputs={"ssl_feats": "float16", "tokens": "int32"})
+        def hubert_units(samples_16k):      # -> {"ssl_feats": (frames, 768), "tokens": (frames,)}
+            ...
+
+    Each output is cast to its declared dtype and must be non-empty, frames first (1-D or 2-D)
+    and, for floats, finite. float32 2-D outputs are stored as SFCF32L1, others as ``.npy``
+    bytes (:func:`asr_assets.feature_cache.encode_features`); read one with
+    ``ShardedParquetFeatureCache.load(uid, frontend, output="tokens")``.
+
     Args:
         name: registry name.
         fn: ``fn(samples float32 (num_samples,) at sample_rate) -> array (num_frames, dim)``;
             a module-level function so the frontend pickles. Omit to use as a decorator.
         config: JSON-like dict (bool/int/float/str/None/list/dict) that identifies the output.
-        feature_dim: columns per frame; checked on every output when given.
+        feature_dim: columns per frame; checked on every output when given (single output only).
         sample_rate: rate in Hz ``fn`` expects; input at other rates is resampled.
         min_num_samples: shortest valid input in samples at ``sample_rate``.
         frames_fn: optional exact ``num_samples -> num_frames`` (module-level too).
         replace: allow redefining an existing name.
+        outputs: named outputs ``{name: numpy dtype}`` (bool/int/uint/float; order kept, the
+            first gives the extractor's ``frames`` statistic); None (default): one float32
+            ``(num_frames, feature_dim)`` output, keyed and stored exactly as before.
 
     Returns:
         ``fn`` (so the decorator form leaves the function usable), or the decorator.
@@ -201,6 +219,7 @@ def register_frontend(
             sample_rate=sample_rate,
             min_num_samples=min_num_samples,
             frames_fn=frames_fn,
+            outputs=outputs,
         )
         proto.config_repr()  # validate the config is renderable now, not at first use
 

@@ -4,16 +4,27 @@ Public entry points:
     * :class:`Frontend` - the interface every feature frontend implements.
     * :func:`py_float` - renders a float exactly as upstream Rust ``FrontendConfig::config_repr``.
     * :func:`render_config_repr` - Python-``repr``-style rendering of a config dict.
+    * :func:`check_output_dtypes`, :func:`check_named_outputs` - declared named outputs and
+      the arrays a multi-output frontend returns.
 
 Cache keys (spec ``upstream-compat.md`` section 3.2) are
 ``sha256(repr({"featurizer": config_dict}))[:12]``; the three upstream frontends keep that key
 byte for byte, and every other frontend derives its key through the same code path.
+
+Named outputs (an asr_assets extension; upstream has none): a frontend may declare
+``outputs = {name: numpy dtype}`` (e.g. SSL features as ``float16`` plus discrete tokens as
+``int32``). It then returns ``{name: array}`` and each output has its own hash,
+:meth:`Frontend.output_hash`: ``sha256(repr({"featurizer": {**config_dict, "output": name}}))[:12]``,
+rendered by :func:`render_config_repr` like every other key. A frontend without ``outputs``
+(every built-in one) is unchanged: one ``float32 (num_frames, feature_dim)`` array under
+:meth:`Frontend.frontend_hash`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 import threading
 from fractions import Fraction
 from typing import Any, Mapping, Sequence
@@ -119,6 +130,103 @@ def hash12(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Named outputs
+# --------------------------------------------------------------------------------------------
+
+#: numpy dtype kinds a named output may have: bool, signed and unsigned int, float. Object,
+#: string, structured and complex arrays are refused (the first would need pickle to store).
+OUTPUT_DTYPE_KINDS = "biuf"
+#: source dtype kinds cast to a declared kind: floats take any real, ints any integer (range
+#: checked), bools only bools
+_CASTABLE_FROM = {"f": "biuf", "i": "biu", "u": "biu", "b": "b"}
+_OUTPUT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_output_dtypes(frontend_name: str, outputs: Mapping[str, Any]) -> dict[str, str]:
+    """Validate declared named outputs.
+
+    Args:
+        frontend_name: for the messages.
+        outputs: ``{name: dtype}`` (anything :class:`numpy.dtype` accepts, e.g. ``"float16"``,
+            ``np.int32``), in order; the first output gives the ``frames`` statistic.
+
+    Returns:
+        ``{name: canonical dtype name}`` (``np.dtype(d).name``, e.g. ``"float16"``), same order.
+
+    Raises:
+        FeatureConfigError: no output, a name that is not ``[A-Za-z0-9][A-Za-z0-9_.-]*``, or a
+            dtype that is not bool, int, uint or float.
+    """
+    if not isinstance(outputs, Mapping) or not outputs:
+        raise FeatureConfigError(f"outputs of frontend {frontend_name!r} must be a non-empty dict "
+                                 f"{{name: numpy dtype}}, got {outputs!r}")
+    checked: dict[str, str] = {}
+    for name, dtype in outputs.items():
+        if not isinstance(name, str) or not _OUTPUT_NAME.fullmatch(name):
+            raise FeatureConfigError(f"output name {name!r} of frontend {frontend_name!r} must match "
+                                     "[A-Za-z0-9][A-Za-z0-9_.-]*")
+        try:
+            dt = np.dtype(dtype)
+        except TypeError as exc:
+            raise FeatureConfigError(f"output {name!r} of frontend {frontend_name!r}: {dtype!r} is not a numpy "
+                                     "dtype") from exc
+        if dt.kind not in OUTPUT_DTYPE_KINDS or dt.fields is not None or dt.subdtype is not None:
+            raise FeatureConfigError(f"output {name!r} of frontend {frontend_name!r} has dtype {dt}; use a bool, "
+                                     "int, uint or float dtype (object arrays would need pickle, which is never used)")
+        checked[name] = dt.name
+    return checked
+
+
+def check_named_outputs(frontend_name: str, outputs: Mapping[str, str], result: Any) -> dict[str, np.ndarray]:
+    """Check and cast what a multi-output frontend returned for one utterance.
+
+    Args:
+        frontend_name: for the messages.
+        outputs: the declared ``{name: dtype}`` (:func:`check_output_dtypes`).
+        result: the frontend function's return value.
+
+    Returns:
+        ``{name: C-contiguous array of the declared dtype}``, in declared order: each non-empty,
+        frames first, ``(num_frames,)`` or ``(num_frames, dims)``, floats finite.
+
+    Raises:
+        FeatureConfigError: not a dict of exactly the declared names; a value that is not a real
+            array, cannot be cast to its dtype without changing kind (``same_kind``: a float for
+            an int output is refused) or holds integers outside the dtype's range; ``ndim`` not
+            1 or 2; no frame or an empty row; a non-finite float.
+    """
+    if not isinstance(result, Mapping) or set(result) != set(outputs):
+        got = sorted(result) if isinstance(result, Mapping) else type(result).__name__
+        raise FeatureConfigError(f"frontend {frontend_name!r} must return a dict with exactly the outputs "
+                                 f"{list(outputs)}, got {got!r}")
+    checked: dict[str, np.ndarray] = {}
+    for name, dtype in outputs.items():
+        value = np.asarray(result[name])
+        dt = np.dtype(dtype)
+        where = f"output {name!r} of frontend {frontend_name!r}"
+        if value.dtype.kind not in OUTPUT_DTYPE_KINDS:
+            raise FeatureConfigError(f"{where} is {value.dtype}, not a real array")
+        if value.dtype.kind not in _CASTABLE_FROM[dt.kind]:
+            raise FeatureConfigError(f"{where} is {value.dtype}, which cannot become {dt} without changing kind "
+                                     "(round, threshold or argmax it in the frontend)")
+        if dt.kind in "iu" and value.size and value.dtype != dt:
+            info = np.iinfo(dt)
+            low, high = value.min(), value.max()
+            if low < info.min or high > info.max:
+                raise FeatureConfigError(f"{where}: values in [{low}, {high}] do not fit {dt} [{info.min}, {info.max}]")
+        if value.ndim not in (1, 2) or value.shape[0] == 0 or value.size == 0:
+            raise FeatureConfigError(f"{where} has shape {value.shape!r}; expected (num_frames,) or "
+                                     "(num_frames, dims) with num_frames > 0 and dims > 0")
+        with np.errstate(over="ignore"):  # a float overflow becomes inf, refused just below
+            array = np.ascontiguousarray(value.astype(dt, copy=False))
+        if dt.kind == "f" and not np.isfinite(array).all():
+            bad = int((~np.isfinite(array)).sum())
+            raise FeatureConfigError(f"{where} holds {bad} non-finite values (as {dt})")
+        checked[name] = array
+    return checked
+
+
+# --------------------------------------------------------------------------------------------
 # Base class
 # --------------------------------------------------------------------------------------------
 
@@ -131,6 +239,10 @@ class Frontend:
     :meth:`batch`; the base class supplies the cache key, resampling, input checks and
     :meth:`__call__`.
 
+    A frontend with named :attr:`outputs` returns ``{name: array}`` instead (from
+    :meth:`__call__` and, per utterance, :meth:`batch`), each array of its declared dtype and
+    keyed by :meth:`output_hash`.
+
     Frontend objects hold only plain config values (windows and filterbanks are cached at module
     level), so they pickle cheaply for worker processes.
 
@@ -140,12 +252,15 @@ class Frontend:
         sample_rate: rate in Hz the frontend works at; other rates are resampled (soxr).
         min_num_samples: smallest input, in samples at ``sample_rate``, that yields at least one
             frame (0 if any length, even empty, does).
+        outputs: named outputs ``{name: numpy dtype name}`` in order (the first gives the
+            ``frames`` statistic), or None: one ``float32 (num_frames, feature_dim)`` output.
     """
 
     name: str = "frontend"
     feature_dim: int = 0
     sample_rate: int = 16000
     min_num_samples: int = 0
+    outputs: dict[str, str] | None = None
 
     # -- cache key ---------------------------------------------------------------------------
     def config_dict(self) -> dict:
@@ -159,6 +274,57 @@ class Frontend:
     def frontend_hash(self) -> str:
         """Return the 12-hex-digit frontend hash ``sha256(config_repr())[:12]``."""
         return hash12(self.config_repr())
+
+    def check_output(self, output: str | None) -> str | None:
+        """Validate an output selection: None for a single-output frontend, a declared name
+        for one with :attr:`outputs`; returns it.
+
+        Raises:
+            FeatureConfigError: None for a multi-output frontend, a name for a single-output
+                one, or an undeclared name (the message lists the outputs).
+        """
+        if self.outputs is None:
+            if output is not None:
+                raise FeatureConfigError(f"frontend {self.name!r} has a single output (float32 features); "
+                                         f"it has no output {output!r}: pass output=None")
+            return None
+        if output is None:
+            raise FeatureConfigError(f"frontend {self.name!r} has named outputs {list(self.outputs)}; "
+                                     "pick one with output=<name>")
+        if output not in self.outputs:
+            raise FeatureConfigError(f"frontend {self.name!r} has no output {output!r}; its outputs are "
+                                     f"{list(self.outputs)}")
+        return output
+
+    def output_config_dict(self, output: str) -> dict:
+        """The keyed config of a named output: ``{**config_dict(), "output": output}``."""
+        self.check_output(output)
+        return {**self.config_dict(), "output": output}
+
+    def output_hash(self, output: str | None = None) -> str:
+        """12-hex-digit hash of a named output,
+        ``sha256(repr({"featurizer": {**config_dict(), "output": output}}))[:12]``; with
+        ``output=None`` on a single-output frontend, :meth:`frontend_hash`.
+
+        Raises:
+            FeatureConfigError: see :meth:`check_output`.
+        """
+        if self.check_output(output) is None:
+            return self.frontend_hash()
+        return hash12(render_config_repr(self.output_config_dict(output)))
+
+    def output_hashes(self) -> dict[str | None, str]:
+        """``{output name: hash12}`` of every output, in declared order; ``{None:
+        frontend_hash()}`` for a single-output frontend."""
+        if self.outputs is None:
+            return {None: self.frontend_hash()}
+        return {name: self.output_hash(name) for name in self.outputs}
+
+    def check_outputs(self, result: Any) -> dict[str, np.ndarray]:
+        """:func:`check_named_outputs` of one utterance's result against :attr:`outputs`."""
+        if self.outputs is None:
+            raise FeatureConfigError(f"frontend {self.name!r} has no named outputs")
+        return check_named_outputs(self.name, self.outputs, result)
 
     # -- frame counts ------------------------------------------------------------------------
     def num_frames(self, num_samples_16k: int) -> int:
@@ -194,7 +360,8 @@ class Frontend:
                 when different.
 
         Returns:
-            ``float32 (num_frames, feature_dim)`` features.
+            ``float32 (num_frames, feature_dim)`` features; for a frontend with named
+            :attr:`outputs`, ``{name: array of its dtype, (num_frames, ...)}``.
 
         Raises:
             TypeError: ``samples`` is not a floating-point array.

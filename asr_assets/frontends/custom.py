@@ -4,6 +4,11 @@ Public entry point: :class:`CustomFrontend`, created by
 :func:`asr_assets.frontends.register_frontend`. It lets features or tokens computed by a heavy
 model (SSL encoders, codecs) go through the same cache-key machinery as the built-in
 frontends: the key is ``sha256(repr({"featurizer": {"type": name, **config}}))[:12]``.
+
+With ``outputs={name: dtype}`` the function returns several named arrays per utterance (e.g.
+``{"ssl_feats": float16 (frames, 768), "tokens": int32 (frames,)}``); each is cast to its
+declared dtype and checked (:func:`asr_assets.frontends.base.check_named_outputs`) and cached
+under its own key, :meth:`~asr_assets.frontends.Frontend.output_hash`.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import numpy as np
 
 from asr_assets.errors import FeatureConfigError
 
-from .base import Frontend
+from .base import Frontend, check_output_dtypes
 
 
 class CustomFrontend(Frontend):
@@ -23,13 +28,18 @@ class CustomFrontend(Frontend):
     Args:
         name: registry name; stored in the keyed config as ``"type"``.
         fn: ``fn(samples float32 (num_samples,) at sample_rate Hz) -> array
-            (num_frames, feature_dim)``; its output is cast to float32.
-        config: settings that identify the output (model, layer, revision, ...).
-        feature_dim: expected number of columns, checked on every output (None: not checked).
+            (num_frames, feature_dim)``; its output is cast to float32. With ``outputs``:
+            ``-> {name: array (num_frames, ...)}`` with exactly the declared names.
+        config: settings that identify the output (model, layer, revision, ...); with
+            ``outputs`` it must not contain ``"output"`` (each output's key adds it).
+        feature_dim: expected number of columns, checked on every output (None: not checked);
+            single-output frontends only.
         sample_rate: rate in Hz ``fn`` expects.
         min_num_samples: shortest valid input, in samples at ``sample_rate``.
         frames_fn: optional exact ``num_samples -> num_frames``; without it :meth:`num_frames`
             raises ``NotImplementedError``.
+        outputs: named outputs ``{name: numpy dtype}`` (bool/int/uint/float), or None for one
+            float32 output.
     """
 
     def __init__(
@@ -42,6 +52,7 @@ class CustomFrontend(Frontend):
         sample_rate: int = 16000,
         min_num_samples: int = 0,
         frames_fn: Callable[[int], int] | None = None,
+        outputs: dict[str, Any] | None = None,
     ):
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
@@ -51,8 +62,17 @@ class CustomFrontend(Frontend):
             raise FeatureConfigError(
                 f"config of frontend {name!r} must not contain 'type': it is set to the name"
             )
+        if outputs is not None:
+            outputs = check_output_dtypes(name, outputs)
+            if feature_dim is not None:
+                raise FeatureConfigError(f"frontend {name!r}: feature_dim applies to single-output frontends; "
+                                         "a frontend with outputs= has one width per output")
+            if "output" in config:
+                raise FeatureConfigError(f"config of frontend {name!r} must not contain 'output': each named "
+                                         "output's key adds it")
         self.name = name
         self.fn = fn
+        self.outputs = outputs
         self.config = dict(config)
         self.feature_dim = int(feature_dim) if feature_dim is not None else 0
         self._check_dim = feature_dim is not None
@@ -79,6 +99,7 @@ class CustomFrontend(Frontend):
             sample_rate=self.sample_rate,
             min_num_samples=self.min_num_samples,
             frames_fn=self.frames_fn,
+            outputs=self.outputs,
         )
         return clone
 
@@ -90,10 +111,15 @@ class CustomFrontend(Frontend):
             )
         return int(self.frames_fn(int(num_samples_16k)))
 
-    def batch(self, samples_16k: Sequence[np.ndarray]) -> list[np.ndarray]:
-        outs = []
+    def batch(self, samples_16k: Sequence[np.ndarray]) -> list:
+        """Per utterance: ``float32 (num_frames, feature_dim)``, or with :attr:`outputs` the
+        checked ``{name: array of its dtype}`` (:meth:`check_outputs`)."""
+        outs: list = []
         for x in samples_16k:
             self.check_length(np.asarray(x).shape[0])
+            if self.outputs is not None:
+                outs.append(self.check_outputs(self.fn(np.asarray(x, dtype=np.float32))))
+                continue
             y = np.asarray(self.fn(np.asarray(x, dtype=np.float32)), dtype=np.float32)
             if y.ndim == 1:
                 y = y[:, None]

@@ -267,9 +267,39 @@ def _remove_stale_staging(target: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def _resolve_output(frontend, output: str | None):
+    """``(Frontend, extra store metadata)`` when a named output is exported, else ``(None, {})``;
+    refuses what a float32 store cannot hold (see :func:`export_feature_store`)."""
+    import numpy as np
+
+    from ..errors import FeatureConfigError
+
+    fe = frontend
+    if isinstance(frontend, str):
+        if len(frontend) == 12 and all(c in "0123456789abcdef" for c in frontend):
+            if output is not None:
+                raise StoreError(f"output={output!r} needs the frontend's name, not the hash12 {frontend!r}")
+            return None, {}
+        from ..frontends import get_frontend
+
+        fe = get_frontend(frontend)
+    if getattr(fe, "outputs", None) is None and output is None:
+        return None, {}
+    try:
+        fe.check_output(output)
+    except FeatureConfigError as exc:
+        raise StoreError(f"cannot export: {exc} (--output-name)") from exc
+    dtype = fe.outputs[output]
+    if np.dtype(dtype).kind != "f":
+        raise StoreError(f"cannot export output {output!r} of {fe.name!r}: it is {dtype}, and stores hold float32 "
+                         "(num_frames, feature_dim); read it from the feature cache with "
+                         "ShardedParquetFeatureCache.load(utterance_id, frontend, output=...)")
+    return fe, {"output": output, "source_dtype": dtype}
+
+
 def export_feature_store(split_root: str | os.PathLike, to: str | os.PathLike, *, backend: str, frontend,
                          utterance_ids: Iterable[str] | None = None, record_cache: str | os.PathLike | None = None,
-                         batch_size: int = 256, **options) -> ExportSummary:
+                         batch_size: int = 256, output: str | None = None, **options) -> ExportSummary:
     """Write one frontend's features of a split from the Parquet cache into a new store.
 
     The store is built in a staging folder ``<parent>/.<name>.tmp.<host>-<pid>`` beside ``to``
@@ -285,6 +315,11 @@ def export_feature_store(split_root: str | os.PathLike, to: str | os.PathLike, *
         utterance_ids: the utterances, in store order; default: every record of ``record_cache``.
         record_cache: a record-cache JSONL; default ``<output>/record_cache/<split>.jsonl``.
         batch_size: utterances read from the cache at a time (reads grouped by part).
+        output: for a frontend with named outputs (given as a name or Frontend), the one to
+            export. Stores hold float32 ``(num_frames, feature_dim)``, so only a float output
+            of 2-D arrays can be exported (float16 becomes float32 exactly); the store's
+            metadata names it (``output``, ``source_dtype``) and its ``frontend_hash`` is the
+            output's hash.
         **options: passed to the writer (e.g. ``max_shard_bytes`` for ``numpy_memmap``).
 
     Returns:
@@ -293,7 +328,9 @@ def export_feature_store(split_root: str | os.PathLike, to: str | os.PathLike, *
     Raises:
         UnknownStoreError: ``backend`` is unknown or not writable.
         StoreNotFoundError: no Parquet cache at ``split_root``, or no record cache.
-        StoreError: ``to`` is a file or a folder that is not empty.
+        StoreError: ``to`` is a file or a folder that is not empty; a frontend with named outputs
+            without ``output``, an unknown or non-float output, ``output`` for a single-output
+            frontend or a hash12.
     """
     from ..feature_cache import ShardedParquetFeatureCache
     from .sharded_parquet import _resolve_hash, default_record_cache, is_sharded_parquet_cache
@@ -309,6 +346,9 @@ def export_feature_store(split_root: str | os.PathLike, to: str | os.PathLike, *
     if to.is_dir() and any(to.iterdir()):
         raise StoreError(f"cannot export to {str(to)!r}: the folder is not empty (give a new or empty folder)")
     name, frontend_hash = _resolve_hash(frontend)
+    fe, extra = _resolve_output(frontend, output)
+    if fe is not None:
+        frontend_hash = fe.output_hash(output)
     if utterance_ids is None:
         from ..record_cache import RecordStore
 
@@ -325,14 +365,15 @@ def export_feature_store(split_root: str | os.PathLike, to: str | os.PathLike, *
     missing: list[str] = []
     try:
         writer = writer_class(staging, frontend=name, frontend_hash=frontend_hash,
-                              extra_metadata={"source": str(split_root.resolve())}, **options)
+                              extra_metadata={"source": str(split_root.resolve()), **extra}, **options)
         batch: list[str] = []
         for utterance_id in itertools.chain(utterance_ids, [None]):  # None: flush the last batch
             if utterance_id is not None:
                 batch.append(utterance_id)
                 if len(batch) < batch_size:
                     continue
-            for uid, features in zip(batch, cache.load_many(batch, frontend_hash)):
+            loaded = cache.load_many(batch, fe, output) if fe is not None else cache.load_many(batch, frontend_hash)
+            for uid, features in zip(batch, loaded):
                 if features is None:
                     missing.append(uid)
                     continue

@@ -60,6 +60,19 @@ def _resolve_frontend(frontend) -> tuple[str | None, str, int | None]:
     return frontend, built.frontend_hash(), built.feature_dim or None
 
 
+def _refuse_named_outputs(frontend) -> None:
+    """This store reads one float32 array per utterance: refuse a frontend with named outputs."""
+    if isinstance(frontend, str) and not (len(frontend) == 12 and all(c in "0123456789abcdef" for c in frontend)):
+        from ..frontends import get_frontend
+
+        frontend = get_frontend(frontend)
+    outputs = getattr(frontend, "outputs", None)
+    if outputs is not None:
+        raise StoreError(f"frontend {frontend.name!r} has named outputs {list(outputs)}; the sharded_parquet store "
+                         "reads single-output frontends: use ShardedParquetFeatureCache(path).load(utterance_id, "
+                         "frontend, output=...) or export one float output with export_feature_store(..., output=...)")
+
+
 def _resolve_hash(frontend) -> tuple[str | None, str]:
     """``(name, hash12)`` of a frontend (see :func:`_resolve_frontend`)."""
     return _resolve_frontend(frontend)[:2]
@@ -102,6 +115,7 @@ class ShardedParquetStore(FeatureStore):
         metadata = dict(metadata or {})
         name, dim = metadata.get("frontend"), metadata.get("feature_dim")
         if frontend is not None:
+            _refuse_named_outputs(frontend)
             given, frontend_hash, given_dim = _resolve_frontend(frontend)
             if metadata.get("frontend_hash") != frontend_hash:
                 name, dim = None, None
