@@ -174,6 +174,8 @@ def _walk_manifests(root: Path) -> tuple[list[tuple[Path, os.stat_result]], list
 
     for dirpath, _, filenames in os.walk(root, onerror=unlistable):
         for name in filenames:
+            if not name.lower().endswith(MANIFEST_SUFFIXES):  # cheap first: audio folders hold millions of files
+                continue
             if os.path.splitext(name)[1].lower() not in MANIFEST_SUFFIXES:
                 continue
             path = os.path.join(dirpath, name)

@@ -2,6 +2,7 @@
 
 Entry points:
     - :func:`build_record_cache` — manifests -> ``record_cache/<split>.jsonl`` + report.
+    - :func:`build_record_caches` — every split in one pass over the manifests.
     - :func:`record_config` — the record filters, split and caps of some settings.
     - :func:`build_feature_shards` — record cache -> feature shards of one frontend + reports.
     - :func:`write_jsonl_report` — atomic JSONL report writer.
@@ -19,28 +20,31 @@ Example (no Dagster)::
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import os
 import time
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._fs import tmp_path_for
+from ._fs import file_lock, tmp_path_for
 from .audio import probe_duration
 from .extraction import ExtractionConfig, ShardStats, extract_shards
 from .frontends import Frontend
-from .logs import trace
-from .manifests import ManifestRow, iter_manifest_rows
-from .record_cache import RecordStore, WriteSummary, write_record_cache
-from .records import Record, RecordConfig, Rejection, build_records
-from .settings import Settings
+from .logs import TRACE, trace
+from .manifest_batches import ManifestProblem, iter_manifest_batches
+from .manifests import ManifestRow
+from .record_batches import BatchRecordBuilder
+from .record_cache import RecordCacheWriter, RecordStore, WriteSummary
+from .records import RecordConfig, Rejection
+from .settings import SPLITS, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +77,12 @@ class DurationProbe:
     then probed again.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, workers: int = 1):
         self.path = path
+        self.workers = max(1, workers)
         self.known: dict[tuple[str, int, int], float] = {}
         self.added = 0
+        self._pool = None
         if path.exists():
             try:
                 table = pq.read_table(path).to_pydict()
@@ -96,6 +102,74 @@ class DurationProbe:
             self.added += 1
         return self.known[key]
 
+    def probe_many(self, rows: Sequence[ManifestRow]) -> list:
+        """Per row what ``float(self(row))`` returns, or the exception it raises; a file is
+        probed once, and with :attr:`workers` > 1 and at least ``_POOL_MIN_PROBES`` headers to
+        read, in that many processes."""
+        results: list = [None] * len(rows)
+        jobs: list[tuple] = []  # (source, hint, cache key or None, row indexes)
+        pending: dict[tuple, list[int]] = {}
+        for k, row in enumerate(rows):
+            if row.audio_bytes:
+                jobs.append((row.audio_bytes, row.audio_path, None, [k]))
+                continue
+            try:
+                if row.audio_path is None:
+                    raise ValueError("no audio to probe")
+                st = os.stat(row.audio_path)
+            except Exception as exc:  # noqa: BLE001 - the row's reason
+                results[k] = exc
+                continue
+            key = (row.audio_path, st.st_size, st.st_mtime_ns)
+            if key in self.known:
+                results[k] = self._seconds(self.known[key])
+            elif key in pending:
+                pending[key].append(k)
+            else:
+                pending[key] = [k]
+                jobs.append((row.audio_path, None, key, pending[key]))
+        if not jobs:
+            return results
+        if self.workers > 1 and len(jobs) >= _POOL_MIN_PROBES:
+            if self._pool is None:
+                import concurrent.futures
+                import multiprocessing
+
+                self._pool = concurrent.futures.ProcessPoolExecutor(
+                    self.workers, mp_context=multiprocessing.get_context("forkserver"))
+            chunk = max(1, min(64, len(jobs) // (4 * self.workers)))
+            outcomes = list(self._pool.map(_probe_in_worker, [(s, h) for s, h, _, _ in jobs], chunksize=chunk))
+        else:
+            outcomes = []
+            for source, hint, _, _ in jobs:
+                try:
+                    value = probe_duration(source, hint=hint) if isinstance(source, bytes) else probe_duration(source)
+                    outcomes.append((value, None))
+                except Exception as exc:  # noqa: BLE001 - the row's reason
+                    outcomes.append((None, exc))
+        for (_, _, key, indexes), (value, error) in zip(jobs, outcomes):
+            if error is None and key is not None:
+                self.known[key] = value
+                self.added += 1
+            if error is None:
+                try:
+                    value = self._seconds(value)
+                except Exception as exc:  # noqa: BLE001
+                    value, error = None, exc
+            for k in indexes:
+                results[k] = error if error is not None else value
+        return results
+
+    @staticmethod
+    def _seconds(value) -> float:
+        return float(value)
+
+    def close(self) -> None:
+        """Stop the probing processes (if any were started)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
     def save(self) -> None:
         if not self.added:
             return
@@ -105,6 +179,22 @@ class DurationProbe:
         tmp = tmp_path_for(self.path)
         pq.write_table(table, tmp)
         os.replace(tmp, self.path)
+
+
+#: Fewer headers than this to read in one batch are read in the building process.
+_POOL_MIN_PROBES = 32
+
+
+class ProbeError(Exception):
+    """A probe that failed in a worker process, with the worker's error message."""
+
+
+def _probe_in_worker(job: tuple) -> tuple:
+    source, hint = job
+    try:
+        return (probe_duration(source, hint=hint) if isinstance(source, bytes) else probe_duration(source)), None
+    except Exception as exc:  # noqa: BLE001 - sent back as the row's reason
+        return None, ProbeError(str(exc))
 
 
 @dataclass
@@ -121,18 +211,31 @@ class RecordCacheResult:
 
 #: Bump when the record-building code changes what a manifest row becomes: every split is then
 #: rebuilt once although its inputs did not change.
-RECORD_CACHE_CODE_VERSION = "3"  # 3: segment rows (offset/start column)
+RECORD_CACHE_CODE_VERSION = "3"  # 3: segment rows (offset/start column); the one-pass build writes the same bytes
 #: Settings that decide the records (the rest — workers, frontends, ... — do not).
 _RECORD_SETTINGS = ("manifests", "validation_manifests", "source_base", "require_readable_audio",
                     "confine_audio_paths", "allowed_audio_roots", "max_blob_mb")
 
 
-def record_cache_inputs(settings: Settings, split: str) -> dict | None:
+def record_cache_inputs(settings: Settings, split: str, *, _prints: list[str] | None = None) -> dict | None:
     """What one split's record cache is a function of: the code version, the record settings and a
     stat-only fingerprint of every manifest source (:func:`~asr_assets.manifests.manifest_fingerprint`:
     path, size and mtime of each manifest file; nothing is opened). None when a source is missing
     or unreadable (then the build runs and reports it). Audio files are not fingerprinted: one
     deleted without a manifest change is reported by the feature step when it fails to decode."""
+    prints = _manifest_prints(settings) if _prints is None else _prints
+    if prints is None:
+        return None
+    values = {k: getattr(settings, k) for k in _RECORD_SETTINGS}
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    values["allowed_audio_roots"] = [str(r) for r in settings.audio_roots()] if settings.confine_audio_paths else []
+    if settings.record_options:  # only when set: caches built without them stay up to date
+        values["record_options"] = json.loads(json.dumps(dict(settings.record_options), sort_keys=True))
+    return {"code_version": RECORD_CACHE_CODE_VERSION, "split": split, "settings": values, "manifests": list(prints)}
+
+
+def _manifest_prints(settings: Settings) -> list[str] | None:
+    """The fingerprint digest of every source, or None when one is missing or unreadable."""
     from .manifests import manifest_fingerprint
 
     prints = []
@@ -141,12 +244,7 @@ def record_cache_inputs(settings: Settings, split: str) -> dict | None:
         if digest in ("missing", "unreadable"):
             return None
         prints.append(digest)
-    values = {k: getattr(settings, k) for k in _RECORD_SETTINGS}
-    values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
-    values["allowed_audio_roots"] = [str(r) for r in settings.audio_roots()] if settings.confine_audio_paths else []
-    if settings.record_options:  # only when set: caches built without them stay up to date
-        values["record_options"] = json.loads(json.dumps(dict(settings.record_options), sort_keys=True))
-    return {"code_version": RECORD_CACHE_CODE_VERSION, "split": split, "settings": values, "manifests": prints}
+    return prints
 
 
 def _inputs_path(settings: Settings, split: str) -> Path:
@@ -167,15 +265,21 @@ def _up_to_date(settings: Settings, split: str, inputs: dict | None) -> RecordCa
             return None
         if path.stat().st_size and not record_store_is_valid(path):
             return None
-        rejections = [Rejection.from_report(json.loads(line))
-                      for line in report.read_text(encoding="utf-8").splitlines() if line]
+        count = 0
+        with open(report, encoding="utf-8") as handle:  # every line must parse; none is kept
+            for line in handle:
+                if line.strip():
+                    Rejection.from_report(json.loads(line))
+                    count += 1
     except (OSError, ValueError, KeyError, TypeError):
         return None
     samples = RecordStore(path).sidecars["num_samples"]  # sidecar only: the JSONL is not parsed
-    durations = (samples / 16000.0).tolist() if samples is not None else []
+    durations = array("d")  # 8 bytes per record, as a fresh build's summary
+    if samples is not None:
+        durations.frombytes((samples / 16000.0).astype(np.float64).tobytes())
     summary = WriteSummary(str(path), state["summary"]["utterances"], state["summary"]["audio_seconds"],
                            state["summary"]["blobs"], durations, state["summary"]["sha256"])
-    return RecordCacheResult(split, summary, rejections, str(report), 0.0, up_to_date=True)
+    return RecordCacheResult(split, summary, RejectionLog(report, count), str(report), 0.0, up_to_date=True)
 
 
 def _save_inputs(settings: Settings, split: str, inputs: dict | None, summary: WriteSummary) -> None:
@@ -210,6 +314,255 @@ def record_config(settings: Settings) -> tuple[RecordConfig, dict[str, int]]:
     return config, caps
 
 
+class RejectionLog(Sequence):
+    """The rejections of a record-cache build, read back from its report when used (a build keeps
+    no per-row object: ``len`` is known, iteration and indexing parse the report JSONL).
+
+    Items are :class:`~asr_assets.records.Rejection` (``Rejection.from_report``: ``source`` is the
+    manifest path, as for a split found up to date).
+    """
+
+    def __init__(self, report_path: str | os.PathLike, count: int):
+        self.path = Path(report_path)
+        self.count = count
+        self._items: list[Rejection] | None = None
+
+    def _load(self) -> list[Rejection]:
+        if self._items is None:
+            with open(self.path, encoding="utf-8") as handle:
+                self._items = [Rejection.from_report(json.loads(line)) for line in handle if line.strip()]
+        return self._items
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index):
+        return self._load()[index]
+
+    def __iter__(self):
+        if self._items is not None:
+            return iter(self._items)
+        return self._stream()
+
+    def _stream(self):
+        with open(self.path, encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    yield Rejection.from_report(json.loads(line))
+
+
+class _SplitBuild:
+    """One split of a single-pass build: its store writer, its report (streamed to a temporary
+    file), its cap and counts."""
+
+    def __init__(self, settings: Settings, split: str, cap: int | None):
+        self.split, self.cap = split, cap
+        self.open = cap is None or cap > 0
+        self.report = settings.records_report_path(split)
+        self.report.parent.mkdir(parents=True, exist_ok=True)
+        self.records = self.rejected = self.file_level = self.skipped = self.duplicates = 0
+        self.writer = RecordCacheWriter(settings.record_cache_path(split))
+        self._report_tmp = tmp_path_for(self.report)
+        self._report = open(self._report_tmp, "w", encoding="utf-8")
+        self._trace = logger.isEnabledFor(TRACE)
+
+    def problem(self, problem: ManifestProblem) -> None:
+        error = problem.error
+        self._reject(Rejection(None, self.split, problem.manifest, problem.manifest, problem.rows_read + 1, None,
+                               getattr(error, "stage", "manifest"), str(error), line=getattr(error, "line", None)))
+
+    def _reject(self, item: Rejection) -> None:
+        self._report.write(json.dumps(item.to_report(), ensure_ascii=False) + "\n")
+        self.rejected += 1
+        if item.utterance_id is None:
+            if item.stage == "skipped_manifest":
+                self.skipped += 1
+            else:
+                self.file_level += 1
+        elif item.duplicate_of is not None:
+            self.duplicates += 1
+        if self._trace:
+            trace(logger, "record cache %s: row %d of %s utterance_id=%s not cached (%s): %s", self.split,
+                  item.row_number, item.manifest_path, item.utterance_id, item.stage, item.reason)
+
+    def add(self, items: list) -> None:
+        """Records (tuples) and Rejections in row order; stops at the cap (upstream
+        ``--max-*-samples``: what comes after the cap-th record is not looked at)."""
+        records = []
+        for item in items:
+            if type(item) is tuple:
+                records.append(item)
+                if self._trace:
+                    trace(logger, "record cache %s: utterance_id=%s audio=%s duration=%.3f s", self.split, item[0],
+                          item[2] or f"<{len(item[3] or b'')} embedded bytes>", item[5])
+                if self.cap is not None and self.records + len(records) >= self.cap:
+                    self.open = False
+                    break
+            else:
+                self._reject(item)
+        self.records += len(records)
+        self.writer.add(records)
+
+    def finish(self) -> WriteSummary:
+        summary = self.writer.close()
+        self._report.close()
+        return summary
+
+    def publish_report(self) -> None:
+        os.replace(self._report_tmp, self.report)
+
+    def abort(self) -> None:
+        self.writer.abort()
+        self._report.close()
+        with contextlib.suppress(OSError):
+            self._report_tmp.unlink()
+
+
+def build_record_caches(settings: Settings, splits: Sequence[str] = SPLITS, *,
+                        log: Callable[[str], None] | None = None, progress_interval: int = 1000,
+                        progress_level: int = logging.DEBUG) -> dict[str, RecordCacheResult]:
+    """Build every split of ``splits`` that is not up to date, reading each manifest once for all.
+
+    One pass streams every manifest in batches (:func:`~asr_assets.manifest_batches.iter_manifest_batches`),
+    normalizes and filters each batch (:class:`~asr_assets.record_batches.BatchRecordBuilder`),
+    assigns each row its split and appends it to that split's writer (one
+    :class:`~asr_assets.record_cache.RecordCacheWriter` per split open at once). Memory stays flat
+    in the number of rows apart from the duplicate-id index (~45 bytes per row) and 8 bytes per
+    record (durations of the summary); rejections go to the report as they come. The output of
+    every split (JSONL, sidecars, blobs, report) is that of the per-row reference
+    (``asr_assets_tests/reference_record_cache.py``) byte for byte.
+
+    Durations missing from the manifest are probed with every core
+    (:attr:`Settings.effective_workers <asr_assets.settings.Settings.effective_workers>` processes
+    once a batch has enough of them) and remembered in ``record_cache/probed_durations.parquet``.
+
+    Builds of one record-cache folder are serialized by ``record_cache/build.lock``: a second
+    build waiting for the first finds its splits up to date.
+
+    Returns:
+        ``{split: RecordCacheResult}`` for ``splits``.
+
+    Raises:
+        ManifestError: a manifest source is missing or cannot be opened (the splits that do not
+            read it are still written, as their own per-split builds would be).
+    """
+    results, failed = _record_caches(settings, splits, (), log, progress_interval, progress_level)
+    for split in splits:
+        if split in failed:
+            raise failed[split]
+    return results
+
+
+def _record_caches(settings: Settings, splits: Sequence[str], also: Sequence[str], log, progress_interval: int,
+                   progress_level: int) -> tuple[dict[str, RecordCacheResult], dict[str, BaseException]]:
+    """Results of ``splits`` (built if stale, together with the stale ones of ``also``) and the
+    failure of each split that could not be built."""
+    results: dict[str, RecordCacheResult] = {}
+    failed: dict[str, BaseException] = {}
+    folder = settings.record_cache_path(SPLITS[0]).parent
+    with file_lock(folder / "build.lock"):
+        prints = _manifest_prints(settings)  # one walk of each source for every split
+        inputs = {split: record_cache_inputs(settings, split, _prints=prints) for split in SPLITS}
+        stale = []
+        for split in dict.fromkeys([*splits, *also]):
+            start = time.perf_counter()
+            unchanged = _up_to_date(settings, split, inputs[split])
+            if unchanged is None:
+                stale.append(split)
+                continue
+            unchanged.seconds = time.perf_counter() - start
+            results[split] = unchanged
+            if log and split in splits:
+                log(f"record_cache[{split}]: up to date ({unchanged.summary.utterances} utterances; manifests, "
+                    f"settings and code unchanged since the last build): nothing rewritten")
+        if stale:
+            built, failed = _build_splits(settings, stale, inputs, log, progress_interval, progress_level)
+            results.update(built)
+    return {split: results[split] for split in splits if split in results}, failed
+
+
+def _build_splits(settings: Settings, stale: list[str], inputs: dict, log, progress_interval: int,
+                  progress_level: int) -> tuple[dict[str, RecordCacheResult], dict[str, BaseException]]:
+    start = time.perf_counter()
+    config, caps = record_config(settings)
+    external = bool(settings.validation_manifests)
+    if external:  # upstream external validation: no hashing into validation/test
+        config = replace(config, val_fraction=0.0, test_fraction=0.0)
+    folder = settings.record_cache_path(SPLITS[0]).parent
+    probe = DurationProbe(folder / "probed_durations.parquet", workers=settings.effective_workers)
+    builder = BatchRecordBuilder(config, allowed_audio_roots=settings.audio_roots(), probe_many=probe.probe_many)
+    # (sources, fixed split, splits fed): the validation sources come after the train sources in
+    # discovery order, so their ids are claimed after every train row.
+    if external:
+        passes = [(settings.manifests, None, [s for s in stale if s != "validation"]),
+                  (settings.validation_manifests, "validation", [s for s in stale if s == "validation"])]
+    else:
+        passes = [(settings.manifests, None, list(stale))]
+    states: dict[str, _SplitBuild] = {}
+    failed: dict[str, BaseException] = {}
+    scanned = 0
+    try:
+        for split in stale:
+            states[split] = _SplitBuild(settings, split, caps.get(split))
+        for number, (sources, fixed_split, fed) in enumerate(passes):
+            later = [s for _, _, f in passes[number + 1:] for s in f]
+            if not any(states[s].open for s in (*fed, *later)):
+                break
+            try:
+                read_bytes = any(states[s].open for s in fed)
+                for item in iter_manifest_batches(sources, source_base=settings.source_base,
+                                                  max_blob_bytes=settings.max_blob_bytes if read_bytes else None,
+                                                  read_audio_bytes=read_bytes):
+                    if isinstance(item, ManifestProblem):
+                        for split in fed:
+                            if states[split].open:
+                                states[split].problem(item)
+                        continue
+                    wanted = {s for s in fed if states[s].open}
+                    if not wanted and not any(states[s].open for s in later):
+                        break
+                    for split, items in builder.build(item, wanted, fixed_split).items():
+                        states[split].add(items)
+                    before, scanned = scanned, scanned + len(item)
+                    if progress_interval and logger.isEnabledFor(progress_level):  # counts as of the batch's end
+                        for mark in range(before // progress_interval + 1, scanned // progress_interval + 1):
+                            for split in stale:
+                                logger.log(progress_level, "record cache progress split=%s scanned=%d selected=%d "
+                                           "not_cached=%d", split, mark * progress_interval, states[split].records,
+                                           states[split].rejected)
+            except Exception as exc:  # noqa: BLE001 - a missing source fails the splits that read it
+                for split in (*fed, *later):
+                    failed.setdefault(split, exc)
+                break
+        summaries = {}
+        for split in stale:
+            if split in failed:
+                states.pop(split).abort()
+            else:
+                summaries[split] = states[split].finish()
+        probe.save()
+    except BaseException:
+        for state in states.values():
+            state.abort()
+        raise
+    finally:
+        probe.close()
+    results = {}
+    for split, summary in summaries.items():
+        state = states[split]
+        state.publish_report()
+        _save_inputs(settings, split, inputs[split], summary)  # last: the record of a complete build
+        if log:
+            problems = f", {state.file_level} manifest file/line problems" if state.file_level else ""
+            problems += f", {state.duplicates} duplicate utterance ids" if state.duplicates else ""
+            problems += f", {state.skipped} manifest files not read (TSV wins)" if state.skipped else ""
+            log(f"record_cache[{split}]: {summary.utterances} utterances, {summary.audio_seconds / 3600:.3f} h, "
+                f"{state.rejected - state.file_level - state.skipped} rows not cached{problems} (see {state.report})")
+        results[split] = RecordCacheResult(split, summary, RejectionLog(state.report, state.rejected), str(state.report),
+                                           time.perf_counter() - start)
+    return results, failed
+
+
 def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], None] | None = None,
                        progress_interval: int = 1000, progress_level: int = logging.DEBUG) -> RecordCacheResult:
     """Build ``<output>/record_cache/<split>.jsonl`` from every manifest of ``settings``.
@@ -225,7 +578,9 @@ def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], N
     can stop the build.
 
     A split whose inputs (:func:`record_cache_inputs`) are those of its last complete build is
-    not rebuilt: nothing is read or written and the result says ``up_to_date``.
+    not rebuilt: nothing is read or written and the result says ``up_to_date``. Otherwise every
+    split that is not up to date is built in the same single pass over the manifests
+    (:func:`build_record_caches`), so the calls for the other splits find them up to date.
 
     Every ``progress_interval`` manifest rows (0: never) a progress line is logged at
     ``progress_level`` (logger ``asr_assets.pipeline``); at trace level, one line per row.
@@ -234,78 +589,10 @@ def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], N
         ManifestError: a manifest source (a root given in the settings) is missing or cannot be
             opened.
     """
-    start = time.perf_counter()
-    inputs = record_cache_inputs(settings, split)
-    unchanged = _up_to_date(settings, split, inputs)
-    if unchanged is not None:
-        unchanged.seconds = time.perf_counter() - start
-        if log:
-            log(f"record_cache[{split}]: up to date ({unchanged.summary.utterances} utterances; manifests, "
-                f"settings and code unchanged since the last build): nothing rewritten")
-        return unchanged
-    config, caps = record_config(settings)
-    sources, fixed_split = settings.manifests, None
-    earlier: Iterable[ManifestRow] = ()
-    if settings.validation_manifests:  # upstream external validation: no hashing into validation/test
-        config = replace(config, val_fraction=0.0, test_fraction=0.0)
-        if split == "validation":
-            sources, fixed_split = settings.validation_manifests, "validation"
-            # The train manifests come first in discovery order: their ids are taken (ids only,
-            # no audio read; their problems are reported by the train build).
-            earlier = iter_manifest_rows(settings.manifests, source_base=settings.source_base,
-                                         on_error=lambda *_: None, read_audio_bytes=False)
-    rejections: list[Rejection] = []
-
-    def manifest_failed(manifest: str, rows_read: int, error: Exception) -> None:
-        rejections.append(Rejection(None, split, manifest, manifest, rows_read + 1, None,
-                                    getattr(error, "stage", "manifest"), str(error), line=getattr(error, "line", None)))
-
-    probe = DurationProbe(settings.record_cache_path(split).parent / "probed_durations.parquet")
-    counts = {"scanned": 0, "selected": 0}
-
-    def counted(rows: Iterable[ManifestRow]) -> Iterable[ManifestRow]:
-        for row in rows:
-            counts["scanned"] += 1
-            yield row
-            if progress_interval and counts["scanned"] % progress_interval == 0:
-                logger.log(progress_level, "record cache progress split=%s scanned=%d selected=%d not_cached=%d",
-                           split, counts["scanned"], counts["selected"], len(rejections))
-
-    def accepted() -> Iterable[Record]:
-        rows = counted(iter_manifest_rows(sources, source_base=settings.source_base, on_error=manifest_failed,
-                                          max_blob_bytes=settings.max_blob_bytes))
-        for item in build_records(rows, config, probe_duration=probe, splits=[split], fixed_split=fixed_split,
-                                  allowed_audio_roots=settings.audio_roots(), earlier_rows=earlier):
-            if isinstance(item, Rejection):
-                rejections.append(item)
-                trace(logger, "record cache %s: row %d of %s utterance_id=%s not cached (%s): %s", split,
-                      item.row_number, item.manifest_path, item.utterance_id, item.stage, item.reason)
-            else:
-                counts["selected"] += 1
-                trace(logger, "record cache %s: utterance_id=%s audio=%s duration=%.3f s", split, item.utterance_id,
-                      item.audio_path or f"<{len(item.audio_bytes or b'')} embedded bytes>", item.duration_s)
-                yield item
-
-    records: Iterable[Record] = accepted()
-    cap = caps.get(split)
-    with contextlib.closing(records):  # type: ignore[arg-type]  # a generator: closes the manifest readers
-        if cap is not None:  # upstream --max-train-samples / --max-val-samples: stop reading at the cap
-            records = itertools.islice(records, max(cap, 0))
-        summary = write_record_cache(settings.record_cache_path(split), records)
-    probe.save()
-    report = settings.records_report_path(split)
-    write_jsonl_report(report, (r.to_report() for r in rejections))
-    _save_inputs(settings, split, inputs, summary)  # last: the record of a complete build
-    if log:
-        file_level = sum(1 for r in rejections if r.utterance_id is None and r.stage != "skipped_manifest")
-        skipped = sum(1 for r in rejections if r.stage == "skipped_manifest")
-        duplicates = sum(1 for r in rejections if r.duplicate_of is not None)
-        problems = f", {file_level} manifest file/line problems" if file_level else ""
-        problems += f", {duplicates} duplicate utterance ids" if duplicates else ""
-        problems += f", {skipped} manifest files not read (TSV wins)" if skipped else ""
-        log(f"record_cache[{split}]: {summary.utterances} utterances, {summary.audio_seconds / 3600:.3f} h, "
-            f"{len(rejections) - file_level - skipped} rows not cached{problems} (see {report})")
-    return RecordCacheResult(split, summary, rejections, str(report), time.perf_counter() - start)
+    results, failed = _record_caches(settings, [split], SPLITS, log, progress_interval, progress_level)
+    if split in failed:
+        raise failed[split]
+    return results[split]
 
 
 def record_cache_is_up_to_date(settings: Settings, split: str) -> bool:

@@ -2,6 +2,8 @@
 
 Entry points:
     - :func:`write_record_cache` — write one split's store atomically from records.
+    - :class:`RecordCacheWriter` — the same store written as batches arrive (flat memory; the
+      record-cache build keeps one open per split).
     - :class:`RecordStore` — random access reader (``len``, indexing) over a store.
     - :func:`record_store_is_valid` — upstream's validity rule for reusing a store.
     - :func:`sidecar_path`, :data:`SIDECARS`.
@@ -23,12 +25,16 @@ open and the next writer on that host removes. Blobs are content-addressed and r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
+from array import array
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -156,6 +162,117 @@ def _write_locked(jsonl_path: Path, records: Iterable[Record]) -> WriteSummary:
     os.replace(tmp, jsonl_path)  # last: a reader that sees this JSONL sees its sidecars
     summary.sha256 = digest.hexdigest()
     return summary
+
+
+def _json(value: str | None) -> str:
+    return "null" if value is None else encode_basestring(value)
+
+
+def _json_number(value: float) -> str:
+    """``json.dumps(value)`` of a float (``float.__repr__``; NaN/Infinity as json writes them)."""
+    return float.__repr__(value) if type(value) is float and math.isfinite(value) else json.dumps(value)
+
+
+class RecordCacheWriter:
+    """One split's record store written batch by batch; the files are those of
+    :func:`write_record_cache` for the same records, byte for byte.
+
+    The JSONL and every sidecar are written to temporary files as batches arrive (memory does
+    not grow with the records, apart from 8 bytes of duration each for the summary) and renamed
+    by :meth:`close`, sidecars first and the JSONL last, as :func:`write_record_cache` does. The
+    store's lock (``<split>.jsonl.lock``) is held from construction to :meth:`close` /
+    :meth:`abort`.
+
+    Args:
+        jsonl_path: e.g. ``<output>/record_cache/train.jsonl``; the folder is created.
+    """
+
+    def __init__(self, jsonl_path: str | os.PathLike):
+        self.path = Path(jsonl_path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(file_lock(self.path.with_name(self.path.name + ".lock")))
+        try:
+            remove_stale_tmp(self.path.parent, prefix=self.path.name)
+            self._tmp = tmp_path_for(self.path)
+            self._handle = self._stack.enter_context(open(self._tmp, "wb"))
+            self._sidecars = {suffix: (self._stack.enter_context(open(tmp_path_for(sidecar_path(self.path, suffix)), "wb")),
+                                       dtype) for suffix, dtype in SIDECARS.items()}
+        except BaseException:
+            self.abort()
+            raise
+        self._position = 0
+        self._digest = hashlib.sha256()
+        self.summary = WriteSummary(path=str(self.path))
+        self.summary.durations_s = array("d")  # type: ignore[assignment]
+
+    def add(self, records: Sequence[tuple]) -> None:
+        """Append records, each ``(utterance_id, transcript, audio_path, audio_bytes, speaker_id,
+        duration_s, transcript code points, offset_s)`` (the transcript normalized; str ids;
+        ``offset_s`` None for a whole file, else the line gets the :data:`SEGMENT_KEYS`)."""
+        if not records:
+            return
+        lines, offsets = [], []
+        position, summary = self._position, self.summary
+        seconds = summary.audio_seconds
+        for utterance_id, transcript, audio_path, audio_bytes, speaker_id, duration, _, offset in records:
+            blob_path = None
+            if audio_bytes is not None and not (audio_path and os.path.isfile(audio_path)):
+                blob_path = write_blob(self.path, audio_bytes)
+                summary.blobs += 1
+            line = (f'{{"audio_path": {_json(audio_path)}, "audio_blob_path": {_json(blob_path)}, '
+                    f'"transcript": {encode_basestring(transcript)}, "utterance_id": {encode_basestring(utterance_id)}, '
+                    f'"speaker_id": {_json(speaker_id)}, "has_speaker_id": {"false" if speaker_id is None else "true"}'
+                    + ("}\n" if offset is None else  # a segment (see SEGMENT_KEYS)
+                       f', "offset_seconds": {_json_number(offset)}, "duration_seconds": {_json_number(duration)}}}\n')
+                    ).encode("utf-8")
+            offsets.append(position)
+            position += len(line)
+            lines.append(line)
+            seconds += duration
+        data = b"".join(lines)
+        self._handle.write(data)
+        self._digest.update(data)
+        self._position = position
+        durations = [r[5] for r in records]
+        summary.durations_s.extend(durations)
+        summary.utterances += len(records)
+        summary.audio_seconds = seconds
+        num_samples = [max(1, round(d * 16000)) for d in durations]
+        columns = {
+            ".offsets.u64": offsets,
+            ".estimated_frames.u32": [max(n, 400) // 160 + 1 for n in num_samples],
+            ".num_samples.u64": num_samples,
+            ".sample_rates.u32": [16000] * len(records),
+            ".transcript_lengths.u32": [r[6] for r in records],
+            ".token_lengths.u32": [0] * len(records),
+        }
+        for suffix, (handle, dtype) in self._sidecars.items():
+            handle.write(np.asarray(columns[suffix], dtype=np.int64).clip(0).astype(dtype).tobytes())
+
+    def close(self) -> WriteSummary:
+        """Sync and rename everything into place; returns the summary (``sha256`` of the JSONL)."""
+        try:
+            for handle in (self._handle, *(h for h, _ in self._sidecars.values())):
+                handle.flush()
+                os.fsync(handle.fileno())
+                handle.close()
+            for suffix in SIDECARS:
+                os.replace(tmp_path_for(sidecar_path(self.path, suffix)), sidecar_path(self.path, suffix))
+            os.replace(self._tmp, self.path)  # last: a reader that sees this JSONL sees its sidecars
+        except BaseException:
+            self.abort()
+            raise
+        self._stack.close()
+        self.summary.sha256 = self._digest.hexdigest()
+        return self.summary
+
+    def abort(self) -> None:
+        """Drop the temporary files and release the lock; the previous store stays."""
+        self._stack.close()
+        for path in (tmp_path_for(self.path), *(tmp_path_for(sidecar_path(self.path, s)) for s in SIDECARS)):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def _entry_count(path: Path, itemsize: int) -> int | None:

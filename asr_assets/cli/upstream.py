@@ -147,7 +147,7 @@ def record_cache(args: argparse.Namespace) -> int:
     """
     settings = _record_cache_settings(args)
     instance = _common.configured_dagster_instance()
-    from ..pipeline import build_record_cache
+    from ..pipeline import build_record_caches
 
     external = bool(settings.validation_manifests)
     logger.info("building record cache dir=%s train_sources=%d validation_sources=%d external_validation=%s "
@@ -160,9 +160,8 @@ def record_cache(args: argparse.Namespace) -> int:
         logger.warning("--val-fraction/--test-fraction do not apply with --validation-dataset-source: every usable "
                        "row of the dataset sources goes to train.jsonl, every one of the validation sources to "
                        "validation.jsonl (as upstream)")
-    results = {split: build_record_cache(settings, split, log=logger.info, progress_interval=args.progress_interval,
-                                         progress_level=logging.INFO)
-               for split in RECORD_CACHE_SPLITS}
+    results = build_record_caches(settings, RECORD_CACHE_SPLITS, log=logger.info,  # one pass over the manifests
+                                  progress_interval=args.progress_interval, progress_level=logging.INFO)
     if instance is not None:
         events = [("record_cache", split, {
             "dagster/row_count": r.summary.utterances, "audio_hours": round(r.summary.audio_seconds / 3600, 4),

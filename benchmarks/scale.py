@@ -1,0 +1,144 @@
+"""Scale benchmarks: how the record-cache build behaves at 10k / 100k / 1M manifest rows.
+
+Generates Common Voice-like corpora (``validated.tsv`` with CV's columns plus ``duration``,
+64-hex ``client_id`` speakers with ~20 clips each, sentences with punctuation, quotes, doubled
+spaces, digits and non-ASCII words; no ``id`` column, so ids are the resolved clip paths). The
+build stats every audio path (``require_readable_audio``, the default), so every clip exists:
+hard links to a few 64-byte files (one inode per 60,000 clips; nothing is decoded, durations
+come from the manifest).
+
+Each measurement runs in a fresh child process (``--child``), which reports its wall time for
+the build call and its own peak RSS (``ru_maxrss``, imports included). The anchor is the per-row
+reference build (``asr_assets_tests/reference_record_cache.py``, the implementation before the
+streaming one: one pass per split) in the same run.
+
+    python benchmarks/scale.py [--rows 10000 100000 1000000] [--anchor-max-rows 100000] [--work DIR]
+
+One function per measurement (``measure_*``); ``main`` prints the table. Other parts (no-op
+rebuild, +1 % drop, lhotse) can be added as further ``measure_*`` functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ("the a of to and in is was he for it with as his on be at by had not are but from or have an they which "
+         "one you were her all she there would their we him been has when who will more no if out so said what up its "
+         "about into than them can only other new some could time these two may then do first any my now such like our "
+         "over man me even most made after also did many before must through back years where much your way well down "
+         "café naïve straße Привіт світе 東京 İstanbul łódź").split()
+
+
+def generate_corpus(folder: Path, rows: int, seed: int = 0) -> Path:
+    """``folder/validated.tsv`` + ``folder/clips/`` with ``rows`` rows (kept if already complete)."""
+    manifest = folder / "validated.tsv"
+    done = folder / ".complete"
+    if done.exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    rng = random.Random(seed)
+    clips = folder / "clips"
+    clips.mkdir(parents=True)
+    speakers = ["%064x" % rng.getrandbits(256) for _ in range(max(1, rows // 20))]
+    tiny = None
+    with open(manifest, "w", encoding="utf-8") as out:
+        out.write("client_id\tpath\tsentence\tup_votes\tdown_votes\tage\tgender\taccents\tlocale\tsegment\tduration\n")
+        for i in range(rows):
+            if i % 60000 == 0:  # ext4 allows 65,000 links per inode
+                tiny = folder / f"tiny{i // 60000}.mp3"
+                tiny.write_bytes(b"ID3" + b"\0" * 61)
+            name = f"common_voice_en_{i:08d}.mp3"
+            os.link(tiny, clips / name)
+            sentence = " ".join(rng.choices(WORDS, k=rng.randint(3, 18))).capitalize()
+            r = rng.random()
+            if r < 0.05:
+                sentence = f'"{sentence}," he said.'
+            elif r < 0.1:
+                sentence += " ?"
+            elif r < 0.15:
+                sentence = sentence.replace(" ", "  ") + "!"
+            elif r < 0.18:
+                sentence += " 42"
+            else:
+                sentence += "."
+            out.write(f"{rng.choice(speakers)}\tclips/{name}\t{sentence}\t2\t0\t\t\t\ten\t\t{rng.uniform(1, 10):.3f}\n")
+    done.write_text("ok")
+    return folder
+
+
+def _child(impl: str, corpus: str, output: str) -> None:
+    import resource
+
+    from asr_assets.settings import SPLITS, Settings
+
+    settings = Settings(manifests=(corpus,), output=output)
+    start = time.perf_counter()
+    if impl == "streaming":
+        from asr_assets.pipeline import build_record_caches
+
+        results = build_record_caches(settings, SPLITS)
+        records = sum(r.summary.utterances for r in results.values())
+    else:
+        sys.path.insert(0, str(REPO))
+        from asr_assets_tests.reference_record_cache import build_record_cache_reference
+
+        records = sum(build_record_cache_reference(settings, split)[0].utterances for split in SPLITS)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "records": records,
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def measure_record_cache(corpus: Path, rows: int, impl: str) -> dict:
+    """Build train/validation/test of ``corpus`` from scratch in a child process: wall seconds of
+    the build, rows/s (manifest rows over the build's wall time), peak RSS of the child."""
+    output = Path(tempfile.mkdtemp(prefix="asr_scale_"))
+    try:
+        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        done = subprocess.run([sys.executable, __file__, "--child", impl, str(corpus), str(output)], env=env,
+                              check=True, capture_output=True, text=True, timeout=3600)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(output, ignore_errors=True)
+    result.update(rows=rows, impl=impl, rows_per_s=rows / result["seconds"])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--anchor-max-rows", type=int, default=100_000,
+                        help="run the per-row reference only up to this many rows (it is ~10x slower)")
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "asr_assets_scale"),
+                        help="where the generated corpora are kept between runs")
+    parser.add_argument("--child", nargs=3, metavar=("IMPL", "CORPUS", "OUTPUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(*args.child)
+        return
+    print(f"load average at start {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
+    print(f"{'rows':>9} {'implementation':<22} {'build s':>8} {'rows/s':>9} {'peak RSS MiB':>13} {'speedup':>8}")
+    for rows in args.rows:
+        corpus = generate_corpus(Path(args.work) / f"cv_{rows}", rows)
+        results = [measure_record_cache(corpus, rows, "streaming")]
+        if rows <= args.anchor_max_rows:
+            results.append(measure_record_cache(corpus, rows, "reference"))
+        anchor = results[-1]["seconds"] if len(results) > 1 else None
+        for r in results:
+            speedup = f"{anchor / r['seconds']:.1f}x" if anchor else "-"
+            name = "streaming (one pass)" if r["impl"] == "streaming" else "per-row reference"
+            print(f"{rows:>9,} {name:<22} {r['seconds']:>8.2f} {r['rows_per_s']:>9,.0f} {r['peak_rss_mib']:>13.0f} "
+                  f"{speedup:>8}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
