@@ -136,53 +136,63 @@ def library_feature_stage(corpus: Path, workers: int) -> tuple[float, float]:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hours", type=float, default=1.0)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--data", type=Path, default=REPO / "asr_assets_tests" / "data")
-    args = parser.parse_args()
+def measure(hours: float = 1.0, workers: int = 2, data: Path = REPO / "asr_assets_tests" / "data") -> dict:
+    """Build the corpus and time the five runs; returns the figures (seconds) and counts."""
     root = Path(tempfile.mkdtemp(prefix="asr-e2e-"))
     env = {**os.environ, "DAGSTER_HOME": str(root / "dagster_home"), "PYTHONPATH": str(REPO)}
     (root / "dagster_home").mkdir()
     try:
-        clips = speech_clips(args.data)
+        clips = speech_clips(data)
         corpus = root / "corpus"
-        rows = write_corpus(corpus, clips, args.hours * 3600)
-        hours = sum(float(r["duration"]) for r in rows) / 3600
-        print(f"corpus: {len(rows)} FLAC files, {hours:.2f} h of real speech from {len(clips)} clips of {args.data}")
+        rows = write_corpus(corpus, clips, hours * 3600)
+        figures = {"files": len(rows), "hours": sum(float(r["duration"]) for r in rows) / 3600, "clips": len(clips),
+                   "workers": workers, "data": str(data)}
         asr = [sys.executable, "-m", "asr_assets.cli", "materialize", "--manifests", str(corpus),
-               "--output", str(root / "out"), "--workers", str(args.workers), "--frontend", "squeezeformer"]
-        first = timed(asr, env=env)
+               "--output", str(root / "out"), "--workers", str(workers), "--frontend", "squeezeformer"]
+        figures["first"] = timed(asr, env=env)
         before = file_times(root / "out")
-        noop = timed(asr, env=env)
-        rewritten = sum(1 for p, t in file_times(root / "out").items() if before.get(p) != t)
-        lhotse_s = None
+        figures["noop"] = timed(asr, env=env)
+        figures["rewritten"] = sum(1 for p, t in file_times(root / "out").items() if before.get(p) != t)
+        figures["lhotse"] = None
         try:
             import lhotse  # noqa: F401
             import lilcom  # noqa: F401
         except ImportError:
             print("lhotse or lilcom not installed: the lhotse row is skipped")
         else:
-            lhotse_s = timed([sys.executable, "-c", LHOTSE_SCRIPT, str(corpus), str(root / "lhotse"), str(args.workers)],
-                             env={**env, "OMP_NUM_THREADS": "1"})
-        feature_stage, audio = library_feature_stage(corpus, args.workers)
-        new_rows = write_corpus(corpus, clips, 0.01 * hours * 3600, start=len(rows), rows=list(rows))[len(rows):]
-        new_audio = sum(float(r["duration"]) for r in new_rows)
-        plus = timed(asr, env=env)
-        budget = noop + 1.5 * feature_stage * new_audio / audio
-        print(f"\n{hours:.2f} h, {args.workers} workers, squeezeformer fbank (lhotse: Fbank, LilcomChunkyWriter)\n")
-        print("| run | wall s | goal |\n|---|---:|---|")
-        ratio = f" ({first / lhotse_s:.2f}x lhotse)" if lhotse_s else ""
-        print(f"| asr-assets materialize, first run | {first:.1f}{ratio} | <= 0.8x lhotse |")
-        if lhotse_s:
-            print(f"| lhotse compute_and_store_features | {lhotse_s:.1f} | |")
-        print(f"| library feature stage alone (build_feature_shards, no Dagster) | {feature_stage:.1f} | |")
-        print(f"| asr-assets materialize, no-op ({rewritten} files rewritten) | {noop:.2f} | <= 5 s, 0 files |")
-        print(f"| asr-assets materialize, +1 % ({len(new_rows)} rows, {new_audio:.0f} s) | {plus:.2f} | "
-              f"<= {budget:.2f} s (no-op + 1.5x featurizing the new rows) |")
+            figures["lhotse"] = timed([sys.executable, "-c", LHOTSE_SCRIPT, str(corpus), str(root / "lhotse"),
+                                       str(workers)], env={**env, "OMP_NUM_THREADS": "1"})
+        figures["feature_stage"], audio = library_feature_stage(corpus, workers)
+        new_rows = write_corpus(corpus, clips, 0.01 * figures["hours"] * 3600, start=len(rows), rows=list(rows))[len(rows):]
+        figures["new_rows"], figures["new_audio"] = len(new_rows), sum(float(r["duration"]) for r in new_rows)
+        figures["plus"] = timed(asr, env=env)
+        figures["plus_budget"] = figures["noop"] + 1.5 * figures["feature_stage"] * figures["new_audio"] / audio
+        return figures
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def print_table(f: dict) -> None:
+    print(f"\n{f['hours']:.2f} h of real speech ({f['files']} FLAC files from {f['clips']} clips), {f['workers']} workers, "
+          "squeezeformer fbank (lhotse: Fbank, LilcomChunkyWriter)\n")
+    print("| run | wall s | goal |\n|---|---:|---|")
+    ratio = f" ({f['first'] / f['lhotse']:.2f}x lhotse)" if f["lhotse"] else ""
+    print(f"| asr-assets materialize, first run | {f['first']:.1f}{ratio} | <= 0.8x lhotse |")
+    if f["lhotse"]:
+        print(f"| lhotse compute_and_store_features | {f['lhotse']:.1f} | |")
+    print(f"| library feature stage alone (build_feature_shards, no Dagster) | {f['feature_stage']:.1f} | |")
+    print(f"| asr-assets materialize, no-op ({f['rewritten']} files rewritten) | {f['noop']:.2f} | <= 5 s, 0 files |")
+    print(f"| asr-assets materialize, +1 % ({f['new_rows']} rows, {f['new_audio']:.0f} s) | {f['plus']:.2f} | "
+          f"<= {f['plus_budget']:.2f} s (no-op + 1.5x featurizing the new rows) |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hours", type=float, default=1.0)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=REPO / "asr_assets_tests" / "data")
+    args = parser.parse_args()
+    print_table(measure(args.hours, args.workers, args.data))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ the build call and its own peak RSS (``ru_maxrss``, imports included). The ancho
 reference build (``asr_assets_tests/reference_record_cache.py``, the implementation before the
 streaming one: one pass per split) in the same run.
 
-    python benchmarks/scale.py [--rows 10000 100000 1000000] [--anchor-max-rows 100000] [--work DIR]
+    python benchmarks/scale.py [--rows 10000 100000 1000000] [--anchor-max-rows 100000] [--work DIR] [--hours 1]
 
-One function per measurement (``measure_*``); ``main`` prints the table. Other parts (no-op
-rebuild, +1 % drop, lhotse) can be added as further ``measure_*`` functions.
+One function per measurement (``measure_*``); ``main`` prints the table. Then, unless ``--hours 0``,
+the end-to-end part of ``benchmarks/end_to_end.py``: ``asr-assets materialize`` on ``--hours`` of
+real speech against lhotse's ``compute_and_store_features``, the no-op and the +1 % re-run.
 """
 
 from __future__ import annotations
@@ -120,6 +121,9 @@ def main() -> None:
                         help="run the per-row reference only up to this many rows (it is ~10x slower)")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "asr_assets_scale"),
                         help="where the generated corpora are kept between runs")
+    parser.add_argument("--hours", type=float, default=1.0,
+                        help="end to end (benchmarks/end_to_end.py) on this many hours of real speech; 0 skips it")
+    parser.add_argument("--workers", type=int, default=2, help="feature workers of the end-to-end runs")
     parser.add_argument("--child", nargs=3, metavar=("IMPL", "CORPUS", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -138,6 +142,11 @@ def main() -> None:
             name = "streaming (one pass)" if r["impl"] == "streaming" else "per-row reference"
             print(f"{rows:>9,} {name:<22} {r['seconds']:>8.2f} {r['rows_per_s']:>9,.0f} {r['peak_rss_mib']:>13.0f} "
                   f"{speedup:>8}", flush=True)
+    if args.hours > 0:  # no-op, +1 % and the lhotse comparison (benchmarks/end_to_end.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import end_to_end
+
+        end_to_end.print_table(end_to_end.measure(args.hours, args.workers))
 
 
 if __name__ == "__main__":
