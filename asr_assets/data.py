@@ -251,7 +251,7 @@ class FeatureDataset(Dataset):
         self.mode = mode
         self.store = store
         record_path = settings.record_cache_path(split)
-        if not record_path.is_file():
+        if not (settings.output_is_remote or record_path.is_file()):  # a remote store: RecordStore checks its commit
             raise FileNotFoundError(
                 f"no record cache for split {split!r} at {str(record_path)!r}: run "
                 f"`asr-assets materialize --output {self.output_root}` first")

@@ -77,6 +77,7 @@ from .errors import AsrAssetsError, ConfigError
 from .feature_cache import (ShardWriter, ShardedParquetFeatureCache, cache_key, encode_features, encode_payload,
                             part_metadata, shard_dir, shard_index, shard_lock)
 from .key_index import record_keys, records_in_shards
+from .storage import local_source
 from .frontends import Frontend
 from .logs import configure_worker, trace, worker_config
 from .record_cache import RecordStore
@@ -272,11 +273,12 @@ def _featurize_timed(task: _Task) -> tuple[bytes | dict[str, bytes] | None, floa
     if task.source is None:
         return None, 0.0, 0, "decode", "record has neither audio_path nor audio_blob_path"
     try:
+        source = local_source(task.source)  # object-store audio/blobs: fetched once into the local content cache
         if task.offset_s is not None:
-            samples = load_audio(task.source, hint=task.hint, config=_STATE["decode"], target_rate=frontend.sample_rate,
+            samples = load_audio(source, hint=task.hint, config=_STATE["decode"], target_rate=frontend.sample_rate,
                                  offset_s=task.offset_s, duration_s=task.duration_s, reader=_segment_reader())
         else:
-            samples = load_audio(task.source, hint=task.hint, config=_STATE["decode"], target_rate=frontend.sample_rate)
+            samples = load_audio(source, hint=task.hint, config=_STATE["decode"], target_rate=frontend.sample_rate)
     except AsrAssetsError as exc:
         return None, 0.0, 0, "decode", str(exc)
     except Exception as exc:  # a decoder bug on hostile input must not stop the run
@@ -501,7 +503,7 @@ def _extract_locked(plan, split_root, frontend: Frontend, fhash: str, config: Ex
         for shard, writer in writers.items():
             writer.close()
             stats[shard].parts_written = len(writer.parts_written)
-            stats[shard].part_names = [p.name for p in writer.parts_written]
+            stats[shard].part_names = [os.path.basename(str(p)) for p in writer.parts_written]
     return stats
 
 

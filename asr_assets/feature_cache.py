@@ -60,6 +60,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import storage
 from ._fs import file_lock, fsync_file, tmp_suffix
 from .errors import CacheCorruptError, FeatureConfigError
 
@@ -104,7 +105,9 @@ def shard_index(key: str, num_shards: int = DEFAULT_NUM_SHARDS) -> int:
 
 
 def shard_dir(split_root: str | os.PathLike, shard: int) -> Path:
-    """``<split_root>/feature_shards/features_NN``."""
+    """``<split_root>/feature_shards/features_NN`` (a URL string for an object-store root)."""
+    if storage.is_url(split_root):
+        return storage.join(str(split_root), "feature_shards", f"features_{shard:02d}")
     return Path(split_root) / "feature_shards" / f"features_{shard:02d}"
 
 
@@ -264,7 +267,17 @@ def decode_legacy_torch_payload(payload: bytes) -> np.ndarray:
 
 
 def list_parts(directory: Path) -> list[Path]:
-    """Committed parts of a shard, oldest first by ``(st_mtime_ns, name)``."""
+    """Committed parts of a shard, oldest first by ``(st_mtime_ns, name)``.
+
+    On an object store: one listing; the parts as :class:`asr_assets.storage.ObjectInfo`
+    (URL strings with size and ``LastModified``), oldest first by ``(LastModified, name)``; parts
+    written there are named ``part_<time_ns>_...`` so that the name orders parts of the same
+    second (S3's ``LastModified`` has whole seconds).
+    """
+    if storage.is_url(directory):
+        parts = [p for p in storage.list_files(str(directory)) if p.name.startswith("part_") and p.name.endswith(".parquet")]
+        parts.sort(key=lambda p: (p.mtime_ns, p.name))
+        return parts
     try:
         entries = [e for e in os.scandir(directory) if e.name.startswith("part_") and e.name.endswith(".parquet")]
     except FileNotFoundError:
@@ -277,9 +290,30 @@ _part_counter = 0
 
 
 def _write_part(directory: Path, table: pa.Table, mtime_ns: int | None = None, prefix: str = "part_") -> Path:
-    """Write ``table`` as a new part: temp name (never listed by readers), fsync, ``os.replace``."""
+    """Write ``table`` as a new part: temp name (never listed by readers), fsync, ``os.replace``.
+
+    On an object store (no rename): one PUT under the final, unique name
+    ``<prefix><time_ns>_<host>_<pid>_<counter>.parquet`` with ``If-None-Match: *``, so an
+    interrupted upload leaves no object and no name is ever written twice; before it, the
+    writer checks that its shard lock (:func:`shard_lock`) was not taken over.
+    """
     global _part_counter
     _part_counter += 1
+    if storage.is_url(directory):
+        if mtime_ns is not None:
+            raise ValueError("an object store sets modification times itself: parts there cannot be back-dated")
+        storage.check_lock(str(directory))
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, **PART_WRITE_OPTIONS)
+        data = sink.getvalue().to_pybytes()
+        for _ in range(5):
+            url = storage.join(str(directory), f"{prefix}{time.time_ns()}_{storage.writer_id()}_{_part_counter:06d}.parquet")
+            try:
+                storage.put_new(url, data)
+                return url
+            except FileExistsError:  # the same nanosecond on another machine of the same name
+                _part_counter += 1
+        raise FileExistsError(f"{directory}: no unique part name after 5 tries (does the store refuse every create?)")
     name = f"{prefix}{os.getpid()}_{time.time_ns()}_{_part_counter:06d}.parquet"
     tmp = directory / f".{name}{tmp_suffix()}"
     pq.write_table(table, tmp, **PART_WRITE_OPTIONS)
@@ -291,7 +325,15 @@ def _write_part(directory: Path, table: pa.Table, mtime_ns: int | None = None, p
 
 
 def shard_lock(split_root: str | os.PathLike, shard: int, frontend_hash: str):
-    """Lock serializing writers (extraction, compaction) of one frontend in one shard."""
+    """Lock serializing writers (extraction, compaction) of one frontend in one shard.
+
+    Local: ``flock`` on ``features_NN/.lock-<hash>``. Object store: a lease lock in the object
+    ``features_NN/.lock-<hash>`` (:class:`asr_assets.storage.ObjectLock`: conditional create,
+    ``If-Match`` renewal and takeover of an expired lease), so writers on different machines of
+    one shard take turns; each part PUT checks the lease first.
+    """
+    if storage.is_url(split_root):
+        return storage.ObjectLock(storage.join(shard_dir(split_root, shard), f".lock-{frontend_hash}"))
     return file_lock(shard_dir(split_root, shard) / f".lock-{frontend_hash}")
 
 
@@ -358,12 +400,13 @@ class ShardWriter:
     def flush(self) -> Path | None:
         if not self._pending:
             return None
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if not storage.is_url(self.directory):
+            self.directory.mkdir(parents=True, exist_ok=True)
         keys, payloads, deleted = zip(*self._pending)
         table = pa.table({"key": list(keys), "payload": list(payloads), "deleted": list(deleted)}, schema=SCHEMA)
         table = table.replace_schema_metadata({k: str(v) for k, v in self.metadata.items()})
         path = _write_part(self.directory, table)
-        logger.debug("flushed cache shard=%s rows=%d tombstones=%d path=%s", self.directory.name.rpartition("_")[2],
+        logger.debug("flushed cache shard=%s rows=%d tombstones=%d path=%s", f"{self.shard:02d}",
                      len(keys), sum(deleted), path)
         self._pending.clear()
         self.parts_written.append(path)
@@ -392,6 +435,12 @@ def _binary_value(array: pa.Array, index: int) -> memoryview | None:
     return memoryview(array.buffers()[2])[start:end]
 
 
+def _source(path):
+    """What pyarrow opens for a part: the local path, or a file object over a URL (sized from
+    the listing, so opening costs no request; reads are ranged GETs with timeouts)."""
+    return storage.open_input(path, getattr(path, "size", None)) if storage.is_url(path) else path
+
+
 class _Part:
     """An open part: its ``ParquetFile`` and the first row of each row group (the pyarrow read
     path, for parts whose payloads cannot be read as raw byte ranges)."""
@@ -401,7 +450,7 @@ class _Part:
     def __init__(self, path: Path):
         # pre_buffer off and one thread: a random read is one small row group, where pyarrow's
         # read-ahead and thread pool cost more than the read (443 -> ~110 us per load)
-        self.file = pq.ParquetFile(path, pre_buffer=False)
+        self.file = pq.ParquetFile(_source(path), pre_buffer=False)
         meta = self.file.metadata
         self.starts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
 
@@ -447,7 +496,7 @@ _RAW_ENCODINGS = {"PLAIN", "RLE", "BIT_PACKED"}
 def index_part(path: str | os.PathLike) -> PartIndex:
     """:class:`PartIndex` of a part, from its footer (its data pages are read only when the row
     groups lack key statistics, e.g. parts of upstream's writers)."""
-    parquet = pq.ParquetFile(path, pre_buffer=False)
+    parquet = pq.ParquetFile(_source(path), pre_buffer=False)
     keys, deleted = _part_entries(parquet)
     meta = parquet.metadata
     names = [meta.schema.column(i).name for i in range(meta.num_columns)]
@@ -508,7 +557,10 @@ def read_shard_index(directory: Path) -> dict[_Signature, PartIndex]:
     """The persisted :data:`SHARD_INDEX_NAME` of a shard as ``{(part, mtime_ns, size): PartIndex}``
     ({} when missing or unreadable)."""
     try:
-        table = pq.read_table(directory / SHARD_INDEX_NAME)
+        if storage.is_url(directory):
+            table = pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(str(directory), SHARD_INDEX_NAME))))
+        else:
+            table = pq.read_table(directory / SHARD_INDEX_NAME)
         if not table.schema.equals(_INDEX_SCHEMA):
             return {}
     except (OSError, pa.ArrowException):
@@ -534,8 +586,10 @@ def update_shard_index(split_root: str | os.PathLike, shard: int) -> Path | None
     Best effort: returns None (and logs) when the shard cannot be written.
     """
     directory = shard_dir(split_root, shard)
+    remote = storage.is_url(directory)
     try:
-        with file_lock(directory / ".lock-index"):
+        # object store: no lock, one PUT, last writer wins (readers check each entry against the listing)
+        with storage.nothing() if remote else file_lock(directory / ".lock-index"):
             known = read_shard_index(directory)
             rows: dict[str, list] = {n: [] for n in _INDEX_SCHEMA.names}
             for part in list_parts(directory):
@@ -549,6 +603,12 @@ def update_shard_index(split_root: str | os.PathLike, shard: int) -> Path | None
                 spans = entry.spans or [(-1, -1)] * n
                 rows["offset"].extend(o for o, _ in spans)
                 rows["length"].extend(s for _, s in spans)
+            if remote:
+                target = storage.join(directory, SHARD_INDEX_NAME)
+                sink = pa.BufferOutputStream()
+                pq.write_table(pa.table(rows, schema=_INDEX_SCHEMA), sink, compression="zstd")
+                storage.put(target, sink.getvalue().to_pybytes())
+                return target
             target = directory / SHARD_INDEX_NAME
             tmp = directory / f"{SHARD_INDEX_NAME}{tmp_suffix()}"
             try:
@@ -601,7 +661,7 @@ class ShardedParquetFeatureCache:
 
     def __init__(self, split_root: str | os.PathLike, num_shards: int = DEFAULT_NUM_SHARDS, *,
                  refresh_interval_s: float = 5.0, max_open_parts: int = 128):
-        self.split_root = Path(split_root)
+        self.split_root = str(split_root).rstrip("/") if storage.is_url(split_root) else Path(split_root)
         self.num_shards = num_shards
         self.refresh_interval_s = refresh_interval_s
         self.max_open_parts = max_open_parts
@@ -764,7 +824,7 @@ class ShardedParquetFeatureCache:
     def _payloads(self, part: Path, rows: Sequence[int]) -> list[bytes | None]:
         """Payloads of ``rows`` of one part, reading each needed row group once."""
         opened = self._open(part)
-        if not part.exists():  # an open handle outlives a compacted part: treat as gone
+        if isinstance(part, Path) and not part.exists():  # an open handle outlives a compacted part: treat as gone
             self._parts.pop(part, None)
             raise FileNotFoundError(part)
         located = [opened.locate(row) for row in rows]
@@ -815,7 +875,12 @@ class ShardedParquetFeatureCache:
                     else:
                         by_part.setdefault(where[0], []).append((i, where[1]))
             retry = []
+            remote = [(part, located) for part, located in raw.items() if not isinstance(part, Path)]
+            if remote:  # object store: one ranged GET per payload, all at once
+                retry.extend(self._load_remote(remote, where_of, results, by_part))
             for part, located in raw.items():
+                if not isinstance(part, Path):
+                    continue
                 try:
                     payloads = self._raw_payloads(part, [span for _, _, span in located])
                 except FileNotFoundError:
@@ -842,6 +907,23 @@ class ShardedParquetFeatureCache:
                 raise FileNotFoundError(f"parts of {self.split_root} kept vanishing while reading")
             pending = retry
         return results
+
+    def _load_remote(self, remote, where_of, results, by_part) -> list[int]:
+        """Raw payload reads of object-store parts: ``[offset, offset + length)`` of each, as
+        concurrent ranged GETs; returns the key indexes to retry (a part vanished)."""
+        flat = [(part, i, row, span) for part, located in remote for i, row, span in located]
+        try:
+            chunks = storage.read_ranges([str(p) for p, _, _, _ in flat], [o for _, _, _, (o, _) in flat],
+                                         [o + n for _, _, _, (o, n) in flat])
+        except FileNotFoundError:
+            return self._forget(where_of, [i for _, i, _, _ in flat])
+        for (part, i, row, (_, length)), chunk in zip(flat, chunks):
+            payload = _raw_payload(bytearray(chunk)) if len(chunk) == length else None
+            if payload is not None:
+                results[i] = _decode_view(payload)
+            else:  # not the layout we expected after all: pyarrow reads it
+                by_part.setdefault(part, []).append((i, row))
+        return []
 
     def _forget(self, shards: Sequence[int], idxs: list[int]) -> list[int]:
         """Drop the indexes of ``shards[idxs]`` (a part vanished); returns ``idxs``."""
@@ -1053,6 +1135,9 @@ def compact_shard(split_root: str | os.PathLike, shard: int, frontend_hash: str,
     Returns:
         ``{"parts_before", "parts_after", "rows_before", "rows_after", "tombstones_dropped"}``.
     """
+    if storage.is_url(split_root):
+        raise ValueError(f"compaction of an object-store feature cache ({split_root}) is not supported: parts there "
+                         "cannot keep the newest input's modification time; compact a local copy")
     directory = shard_dir(split_root, shard)
     with shard_lock(split_root, shard, frontend_hash):
         parts = [p for p in list_parts(directory) if _part_frontend_hash(p) == frontend_hash]
@@ -1089,6 +1174,8 @@ def compact_shard(split_root: str | os.PathLike, shard: int, frontend_hash: str,
 def compact_split(split_root: str | os.PathLike, frontend_hashes: set[str] | None = None) -> dict[str, dict]:
     """:func:`compact_shard` for every shard of a split and every frontend found in its parts
     (or only ``frontend_hashes``); returns totals per frontend hash."""
+    if storage.is_url(split_root):
+        raise ValueError(f"compaction of an object-store feature cache ({split_root}) is not supported; compact a local copy")
     totals: dict[str, dict] = {}
     root = Path(split_root) / "feature_shards"
     for directory in sorted(root.glob("features_*")) if root.is_dir() else []:

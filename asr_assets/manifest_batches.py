@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 
 import pyarrow as pa
 
+from . import storage
 from .errors import ManifestColumnsError, ManifestError
 from .manifests import (
     ManifestLineError,
@@ -30,6 +31,7 @@ from .manifests import (
     SkippedManifest,
     _make_row,
     _parquet_cells,
+    _source_base,
     _used_columns,
     scan_manifests,
     split_tsv_line,
@@ -143,7 +145,7 @@ def _physical_lines(block: bytes) -> list[str] | list[bytes]:
 def _tsv_batches(path: Path, source: str, base: Path, counter: int, batch_rows: int,
                  block_bytes: int) -> Iterator[ManifestBatch | ManifestLineError]:
     manifest = str(path)
-    with open(path, "rb") as handle:
+    with storage.open_input(path, getattr(path, "size", None)) as handle:  # a local file or an object
         blocks = _blocks(handle, block_bytes)
         number = 0
         header = None
@@ -242,8 +244,11 @@ def _tsv_batches(path: Path, source: str, base: Path, counter: int, batch_rows: 
             yield batch
 
 
-def _fast_join(base: Path, base_prefix: str, value: str) -> str:
-    """``str(base / value)`` for a relative ``value`` (pathlib drops empty and ``.`` parts)."""
+def _fast_join(base: Path | str, base_prefix: str, value: str) -> str:
+    """``str(base / value)`` for a relative ``value`` (pathlib drops empty and ``.`` parts); for a
+    URL ``base`` (a remote manifest folder), :func:`asr_assets.storage.resolve`."""
+    if isinstance(base, str):
+        return storage.resolve(value, base)
     if "//" in value or value.startswith("./") or value.endswith(("/", "/.")) or "/./" in value or value == ".":
         return str(base / value)
     return base_prefix + value
@@ -268,7 +273,7 @@ def _tsv_batch(rows: list[list[str]], numbers: list[int], source: str, manifest:
             value = value.strip() if value else value
             if not value:
                 paths.append(None)
-            elif value.startswith(("http://", "https://", "/")):
+            elif value.startswith(("http://", "https://", "/")) or ("://" in value and storage.is_url(value)):
                 paths.append(value)
             else:
                 paths.append(_fast_join(base, base_prefix, value))
@@ -360,7 +365,7 @@ def iter_manifest_batches(
     seen: set[str] = set()
     for source in sources:
         try:
-            root = Path(source).resolve()
+            root = str(source).rstrip("/") if storage.is_url(source) else Path(source).resolve()
         except (OSError, RuntimeError):
             root = Path(os.path.abspath(source))
         if str(root) in seen:
@@ -371,7 +376,7 @@ def iter_manifest_batches(
             yield ManifestProblem(where, 0, ManifestError(f"{where!r} skipped: {reason}"))
         for skipped, reason in scan.skipped:
             yield ManifestProblem(str(skipped), 0, SkippedManifest(reason))
-        base = Path(source_base).resolve() if source_base else (root if root.is_dir() else root.parent)
+        base = _source_base(root, scan, source_base)
         counter, source_name = 0, str(root)
         for manifest in scan.files:
             read = 0

@@ -52,6 +52,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import storage
 from .errors import ManifestColumnsError, ManifestError
 
 TRANSCRIPT_COLUMNS = ("sentence", "transcript", "transcription", "text", "normalized_text")
@@ -155,7 +156,7 @@ class ManifestScan:
 
 
 def _is_url(value: str) -> bool:
-    return value.startswith(("http://", "https://"))
+    return storage.is_url(value)
 
 
 def _reason(exc: OSError) -> str:
@@ -209,6 +210,8 @@ def scan_manifests(source: str | os.PathLike) -> ManifestScan:
         ManifestError: the source does not exist or cannot be opened, is not a manifest file,
             or a folder holds no readable manifest.
     """
+    if storage.is_url(source):
+        return _scan_remote(str(source))
     path = Path(source)
     try:
         st = os.stat(path)
@@ -223,7 +226,11 @@ def scan_manifests(source: str | os.PathLike) -> ManifestScan:
     if not stat.S_ISDIR(st.st_mode):
         raise ManifestError(f"manifest source {str(path)!r} is neither a file nor a folder")
     found, problems = _walk_manifests(path)
-    files = sorted(p for p, _ in found)
+    return _tsv_wins(path, sorted(p for p, _ in found), problems)
+
+
+def _tsv_wins(path, files: list, problems: list[tuple[str, str]]) -> ManifestScan:
+    """The TSV-wins rule over the sorted manifest ``files`` found below the folder ``path``."""
     tsvs = [p for p in files if p.suffix.lower() == ".tsv"]
     if not (tsvs or files):
         unreadable = f" ({len(problems)} unreadable: {problems[0][0]!r}: {problems[0][1]})" if problems else ""
@@ -234,6 +241,28 @@ def scan_manifests(source: str | os.PathLike) -> ManifestScan:
         skipped = [(p, f"not read: TSV wins — the manifest root {str(path)!r} holds {winner}, and a root with "
                        "any .tsv is read from its TSVs only") for p in files if p.suffix.lower() != ".tsv"]
     return ManifestScan(tsvs or files, skipped, problems)
+
+
+def _scan_remote(url: str) -> ManifestScan:
+    """:func:`scan_manifests` of a URL: a ``.tsv``/``.parquet`` object, or a folder listed
+    recursively (one listing; same suffix, sort and TSV-wins rules as local folders)."""
+    if url.rstrip("/").lower().endswith(MANIFEST_SUFFIXES):
+        try:
+            return ManifestScan([storage.info(url)])
+        except FileNotFoundError:
+            raise ManifestError(f"manifest source {url!r} does not exist") from None
+        except IsADirectoryError:
+            pass  # a folder named like a manifest
+        except OSError as exc:
+            raise ManifestError(f"manifest source {url!r} cannot be opened: {_reason(exc)}") from exc
+    try:
+        found = [f for f in storage.list_files(url, recursive=True)
+                 if os.path.splitext(f.name)[1].lower() in MANIFEST_SUFFIXES]
+    except OSError as exc:
+        raise ManifestError(f"manifest source {url!r} cannot be listed: {_reason(exc)}") from exc
+    if not found:
+        raise ManifestError(f"manifest source {url!r} does not exist or holds no .tsv or .parquet file")
+    return _tsv_wins(url, found, [])
 
 
 def discover_manifests(source: str | os.PathLike) -> list[Path]:
@@ -360,6 +389,8 @@ def _resolve(path_value: str | None, base: Path) -> str | None:
         return None
     if _is_url(path_value) or os.path.isabs(path_value):
         return path_value
+    if isinstance(base, str):  # a URL root: same scheme and bucket prefix
+        return storage.resolve(path_value, base)
     return str(base / path_value)
 
 
@@ -426,7 +457,7 @@ def _physical_lines(handle) -> Iterator[tuple[int, bytes]]:
 def _tsv_cells(path: Path, line_error: Callable[[int, str], None]) -> Iterator[tuple[int, dict]]:
     """``(line number, {role: cell})`` of every usable line of a TSV; empty lines are skipped, and
     a line that is not UTF-8 or has the wrong number of cells goes to ``line_error``."""
-    with open(path, "rb") as handle:
+    with storage.open_input(path) as handle:
         lines = _physical_lines(handle)
         number, raw = next(((n, r) for n, r in lines if r), (0, b""))
         try:
@@ -537,10 +568,19 @@ def _audio_cells(array: pa.Array, needed: list[bool], max_blob_bytes: int | None
     return paths, blobs, errors
 
 
+def _remote_input(url):
+    """A remote Parquet manifest for pyarrow: object stores are read in ranges (only the columns
+    used); an http(s) file is downloaded once into the local content cache first, as upstream's
+    Python loader does (web servers need not serve ranges)."""
+    if storage.scheme(url) in ("http", "https"):
+        return str(storage.fetch(str(url)))
+    return storage.open_input(url, getattr(url, "size", None))
+
+
 def _parquet_cells(path: Path, max_blob_bytes: int | None, read_bytes: bool) -> Iterator[tuple[int, dict]]:
     """``(1-based row index, {role: value})`` of every row of a Parquet manifest, reading only
     the columns used."""
-    parquet = pq.ParquetFile(path)
+    parquet = pq.ParquetFile(_remote_input(path) if storage.is_url(path) else path)
     wanted, speakers = _used_columns(path, parquet.schema_arrow.names)
     audio = wanted.pop("audio", None)
     columns = list(dict.fromkeys([*wanted.values(), *speakers, *([audio] if audio else [])]))
@@ -608,7 +648,7 @@ def iter_manifest_rows(
     seen: set[str] = set()
     for source in sources:
         try:
-            root = Path(source).resolve()
+            root = str(source).rstrip("/") if storage.is_url(source) else Path(source).resolve()
         except (OSError, RuntimeError):  # a symlink loop: scan_manifests names the problem
             root = Path(os.path.abspath(source))
         if str(root) in seen:
@@ -620,7 +660,7 @@ def iter_manifest_rows(
         if on_error is not None:
             for skipped, reason in scan.skipped:
                 on_error(str(skipped), 0, SkippedManifest(reason))
-        base = Path(source_base).resolve() if source_base else (root if root.is_dir() else root.parent)
+        base = _source_base(root, scan, source_base)
         counter, source_name = 0, str(root)
         for manifest in scan.files:
             read, manifest_name = 0, str(manifest)
@@ -647,6 +687,16 @@ def iter_manifest_rows(
                 if on_error is None:
                     raise error from exc
                 on_error(str(manifest), read, error)
+
+
+def _source_base(root, scan: ManifestScan, source_base) -> Path | str:
+    """Where relative audio paths of ``root`` are resolved: ``source_base``, else the root
+    folder, or a manifest file's folder (URLs alike: the same bucket prefix)."""
+    if source_base:
+        return str(source_base).rstrip("/") if storage.is_url(source_base) else Path(source_base).resolve()
+    if isinstance(root, str):  # a URL
+        return storage.parent(root) if [str(f) for f in scan.files] == [root] else root
+    return root if root.is_dir() else root.parent
 
 
 def _make_row(cells: dict, source: str, manifest: str, counter: int, file_row: int, base: Path) -> ManifestRow:
@@ -698,8 +748,10 @@ def manifest_fingerprint(source: str | os.PathLike) -> dict:
         permission denied); ``problems`` then says why. Never raises for a file-system problem.
         Thousands of files cost one directory walk.
     """
-    root = Path(source)
     empty = {"files": 0, "bytes": 0}
+    if storage.is_url(source):
+        return _remote_fingerprint(str(source), empty)
+    root = Path(source)
     try:
         st = os.stat(root)
     except FileNotFoundError:
@@ -723,3 +775,18 @@ def manifest_fingerprint(source: str | os.PathLike) -> dict:
     readable = [e for e in entries if e[1] >= 0]
     shown = [f"{p}: {r}" for p, r in problems[:20]] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
     return {"digest": digest, "files": len(readable), "bytes": sum(e[1] for e in readable), "problems": shown}
+
+
+def _remote_fingerprint(url: str, empty: dict) -> dict:
+    """:func:`manifest_fingerprint` of a URL: one listing; (relative name, size, ETag or
+    modification time) of every manifest object."""
+    try:
+        found = storage.list_files(url, recursive=True) or [storage.info(url)]
+    except FileNotFoundError:
+        return {"digest": "missing", **empty, "problems": [f"{url}: does not exist"]}
+    except OSError as exc:
+        return {"digest": "unreadable", **empty, "problems": [f"{url}: cannot be listed: {_reason(exc)}"]}
+    entries = sorted((str(f)[len(url):].lstrip("/") or f.name, f.size, f.etag or f.mtime_ns) for f in found
+                     if os.path.splitext(f.name)[1].lower() in MANIFEST_SUFFIXES)
+    digest = hashlib.sha256(repr(entries).encode("utf-8")).hexdigest()
+    return {"digest": digest, "files": len(entries), "bytes": sum(e[1] for e in entries), "problems": []}

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -34,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import storage
 from ._fs import file_lock, tmp_path_for
 from .audio import probe_duration
 from .extraction import ExtractionConfig, ShardStats, extract_shards
@@ -53,8 +55,12 @@ def write_jsonl_report(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     """Write ``rows`` as UTF-8 JSONL to ``path`` atomically (temp file + ``os.replace``).
 
     Returns the number of rows. An empty report is written as an empty file, so a re-run that
-    fixed every failure also clears the old report.
+    fixed every failure also clears the old report. On an object store (a URL): one PUT.
     """
+    if storage.is_url(path):
+        lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
+        storage.put(str(path), "".join(lines).encode("utf-8"))
+        return len(lines)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_for(path)
@@ -75,6 +81,10 @@ class DurationProbe:
     Embedded bytes are probed every time (cheap: no file system access). The cache file is
     replaced atomically; two builds saving at once may drop each other's new entries, which are
     then probed again.
+
+    Remote audio (``s3://...``) is fetched once into the local content cache
+    (:func:`asr_assets.storage.fetch`) and probed there, keyed by (URL, size, modification time);
+    on a remote output the cache file is an object (read and written with one request each).
     """
 
     def __init__(self, path: Path, workers: int = 1):
@@ -83,9 +93,11 @@ class DurationProbe:
         self.known: dict[tuple[str, int, int], float] = {}
         self.added = 0
         self._pool = None
-        if path.exists():
+        self.remote = storage.is_url(path)
+        if self.remote or path.exists():
             try:
-                table = pq.read_table(path).to_pydict()
+                source = pa.BufferReader(storage.read_bytes(str(path))) if self.remote else path
+                table = pq.read_table(source).to_pydict()
                 self.known = dict(zip(zip(table["path"], table["size"], table["mtime_ns"]), table["duration_s"]))
             except (pa.ArrowException, KeyError, OSError):
                 self.known = {}  # a damaged cache is only a cache
@@ -95,6 +107,13 @@ class DurationProbe:
             return probe_duration(row.audio_bytes, hint=row.audio_path)
         if row.audio_path is None:
             raise ValueError("no audio to probe")
+        if storage.is_url(row.audio_path):
+            meta = storage.info(row.audio_path)
+            key = (row.audio_path, meta.size, meta.mtime_ns)
+            if key not in self.known:
+                self.known[key] = probe_duration(str(storage.fetch(row.audio_path, known=meta)), hint=row.audio_path)
+                self.added += 1
+            return self.known[key]
         st = os.stat(row.audio_path)
         key = (row.audio_path, st.st_size, st.st_mtime_ns)
         if key not in self.known:
@@ -113,21 +132,27 @@ class DurationProbe:
             if row.audio_bytes:
                 jobs.append((row.audio_bytes, row.audio_path, None, [k]))
                 continue
+            remote = storage.is_url(row.audio_path)
             try:
                 if row.audio_path is None:
                     raise ValueError("no audio to probe")
-                st = os.stat(row.audio_path)
+                meta = storage.info(row.audio_path) if remote else None
+                st = meta.stat() if remote else os.stat(row.audio_path)
+                key = (row.audio_path, st.st_size, st.st_mtime_ns)
+                if remote and key not in self.known and key not in pending:  # fetched once, probed locally
+                    source = str(storage.fetch(row.audio_path, known=meta))
+                else:
+                    source = row.audio_path
             except Exception as exc:  # noqa: BLE001 - the row's reason
                 results[k] = exc
                 continue
-            key = (row.audio_path, st.st_size, st.st_mtime_ns)
             if key in self.known:
                 results[k] = self._seconds(self.known[key])
             elif key in pending:
                 pending[key].append(k)
             else:
                 pending[key] = [k]
-                jobs.append((row.audio_path, None, key, pending[key]))
+                jobs.append((source, None, key, pending[key]))
         if not jobs:
             return results
         if self.workers > 1 and len(jobs) >= _POOL_MIN_PROBES:
@@ -176,6 +201,11 @@ class DurationProbe:
         paths, sizes, mtimes = zip(*self.known) if self.known else ((), (), ())
         table = pa.table({"path": list(paths), "size": list(sizes), "mtime_ns": list(mtimes),
                           "duration_s": list(self.known.values())})
+        if self.remote:
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink)
+            storage.put(str(self.path), sink.getvalue().to_pybytes())
+            return
         tmp = tmp_path_for(self.path)
         pq.write_table(table, tmp)
         os.replace(tmp, self.path)
@@ -257,6 +287,8 @@ def _up_to_date(settings: Settings, split: str, inputs: dict | None) -> RecordCa
     from .record_cache import record_store_is_valid
 
     path, report = settings.record_cache_path(split), settings.records_report_path(split)
+    if storage.is_url(path):
+        return _remote_up_to_date(settings, split, inputs)
     try:
         state = json.loads(_inputs_path(settings, split).read_text(encoding="utf-8"))
         if inputs is None or state.get("inputs") != inputs or not report.is_file():
@@ -282,10 +314,45 @@ def _up_to_date(settings: Settings, split: str, inputs: dict | None) -> RecordCa
     return RecordCacheResult(split, summary, RejectionLog(report, count), str(report), 0.0, up_to_date=True)
 
 
+def _remote_up_to_date(settings: Settings, split: str, inputs: dict | None) -> RecordCacheResult | None:
+    """:func:`_up_to_date` of a record cache on an object store: the inputs object names the
+    version the commit object still names, and the report exists."""
+    from .errors import CacheCorruptError
+    from .record_cache import read_commit
+
+    path, report = str(settings.record_cache_path(split)), str(settings.records_report_path(split))
+    try:
+        state = json.loads(storage.read_bytes(str(_inputs_path(settings, split))))
+        commit = read_commit(path)
+        if inputs is None or state.get("inputs") != inputs or commit is None:
+            return None
+        if state["summary"].get("version") != commit["version"]:
+            return None
+        text = storage.read_bytes(report).decode("utf-8")
+        rejections = [Rejection.from_report(json.loads(line)) for line in text.splitlines() if line]
+        store = RecordStore(path)
+    except (OSError, ValueError, KeyError, TypeError, CacheCorruptError):
+        return None
+    samples = store.sidecars["num_samples"]
+    durations = (samples / 16000.0).tolist() if samples is not None else []
+    summary = WriteSummary(path, state["summary"]["utterances"], state["summary"]["audio_seconds"],
+                           state["summary"]["blobs"], durations, state["summary"]["sha256"])
+    return RecordCacheResult(split, summary, rejections, report, 0.0, up_to_date=True)
+
+
 def _save_inputs(settings: Settings, split: str, inputs: dict | None, summary: WriteSummary) -> None:
     from ._fs import atomic_write_bytes
 
     target = _inputs_path(settings, split)
+    if storage.is_url(target):  # one PUT, last: the record of a complete build
+        if inputs is None:
+            storage.remove(str(target))
+            return
+        state = {"inputs": inputs, "summary": {
+            "utterances": summary.utterances, "audio_seconds": summary.audio_seconds, "blobs": summary.blobs,
+            "sha256": summary.sha256, "version": summary.version}}
+        storage.put(str(target), json.dumps(state, indent=1, sort_keys=True).encode("utf-8"))
+        return
     if inputs is None:
         target.unlink(missing_ok=True)
         return
@@ -323,14 +390,20 @@ class RejectionLog(Sequence):
     """
 
     def __init__(self, report_path: str | os.PathLike, count: int):
-        self.path = Path(report_path)
+        self.path = report_path if storage.is_url(report_path) else Path(report_path)
         self.count = count
         self._items: list[Rejection] | None = None
 
+    def _lines(self) -> Iterable[str]:
+        if storage.is_url(self.path):  # an object: one GET
+            yield from storage.read_bytes(str(self.path)).decode("utf-8").splitlines()
+            return
+        with open(self.path, encoding="utf-8") as handle:
+            yield from handle
+
     def _load(self) -> list[Rejection]:
         if self._items is None:
-            with open(self.path, encoding="utf-8") as handle:
-                self._items = [Rejection.from_report(json.loads(line)) for line in handle if line.strip()]
+            self._items = [Rejection.from_report(json.loads(line)) for line in self._lines() if line.strip()]
         return self._items
 
     def __len__(self) -> int:
@@ -345,10 +418,9 @@ class RejectionLog(Sequence):
         return self._stream()
 
     def _stream(self):
-        with open(self.path, encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    yield Rejection.from_report(json.loads(line))
+        for line in self._lines():
+            if line.strip():
+                yield Rejection.from_report(json.loads(line))
 
 
 class _SplitBuild:
@@ -359,10 +431,16 @@ class _SplitBuild:
         self.split, self.cap = split, cap
         self.open = cap is None or cap > 0
         self.report = settings.records_report_path(split)
-        self.report.parent.mkdir(parents=True, exist_ok=True)
+        self.remote = storage.is_url(self.report)
+        if self.remote:  # streamed to a local file, published with one PUT
+            staging = storage.cache_dir() / "staging"
+            staging.mkdir(parents=True, exist_ok=True)
+            self._report_tmp = tmp_path_for(staging / f"records-{split}-{uuid.uuid4().hex[:8]}.jsonl")
+        else:
+            self.report.parent.mkdir(parents=True, exist_ok=True)
+            self._report_tmp = tmp_path_for(self.report)
         self.records = self.rejected = self.file_level = self.skipped = self.duplicates = 0
         self.writer = RecordCacheWriter(settings.record_cache_path(split))
-        self._report_tmp = tmp_path_for(self.report)
         self._report = open(self._report_tmp, "w", encoding="utf-8")
         self._trace = logger.isEnabledFor(TRACE)
 
@@ -409,6 +487,10 @@ class _SplitBuild:
         return summary
 
     def publish_report(self) -> None:
+        if self.remote:
+            storage.put(str(self.report), self._report_tmp.read_bytes())
+            self._report_tmp.unlink()
+            return
         os.replace(self._report_tmp, self.report)
 
     def abort(self) -> None:
@@ -436,8 +518,9 @@ def build_record_caches(settings: Settings, splits: Sequence[str] = SPLITS, *,
     (:attr:`Settings.effective_workers <asr_assets.settings.Settings.effective_workers>` processes
     once a batch has enough of them) and remembered in ``record_cache/probed_durations.parquet``.
 
-    Builds of one record-cache folder are serialized by ``record_cache/build.lock``: a second
-    build waiting for the first finds its splits up to date.
+    Builds of one record-cache folder are serialized by ``record_cache/build.lock`` (on an object
+    store a lease lock object, :class:`~asr_assets.storage.ObjectLock`): a second build waiting
+    for the first finds its splits up to date.
 
     Returns:
         ``{split: RecordCacheResult}`` for ``splits``.
@@ -460,7 +543,9 @@ def _record_caches(settings: Settings, splits: Sequence[str], also: Sequence[str
     results: dict[str, RecordCacheResult] = {}
     failed: dict[str, BaseException] = {}
     folder = settings.record_cache_path(SPLITS[0]).parent
-    with file_lock(folder / "build.lock"):
+    lock = (storage.ObjectLock(storage.join(str(folder), "build.lock")) if storage.is_url(folder)
+            else file_lock(folder / "build.lock"))
+    with lock:
         prints = _manifest_prints(settings)  # one walk of each source for every split
         inputs = {split: record_cache_inputs(settings, split, _prints=prints) for split in SPLITS}
         stale = []
@@ -603,9 +688,16 @@ def record_cache_is_up_to_date(settings: Settings, split: str) -> bool:
 def reported_failures(settings: Settings, frontend_name: str, split: str, shard: int) -> set[str]:
     """Utterance ids in a shard's failure report (written by :func:`build_feature_shards`)."""
     report = settings.features_report_path(frontend_name, split, shard)
-    if not report.is_file():
+    if storage.is_url(report):
+        try:
+            text = storage.read_bytes(str(report)).decode("utf-8")
+        except FileNotFoundError:
+            return set()
+    elif not report.is_file():
         return set()
-    return {json.loads(line)["utterance_id"] for line in report.read_text(encoding="utf-8").splitlines() if line}
+    else:
+        text = report.read_text(encoding="utf-8")
+    return {json.loads(line)["utterance_id"] for line in text.splitlines() if line}
 
 
 def feature_shards_with_work(settings: Settings, frontend: str | Frontend, split: str) -> list[int]:
@@ -617,10 +709,18 @@ def feature_shards_with_work(settings: Settings, frontend: str | Frontend, split
 
     fe = settings.frontend(frontend) if isinstance(frontend, str) else frontend
     path = settings.record_cache_path(split)
-    if not path.is_file() or (path.stat().st_size and not record_store_is_valid(path)):
+    if storage.is_url(path):
+        if not record_store_is_valid(path):
+            return []
+    elif not path.is_file() or (path.stat().st_size and not record_store_is_valid(path)):
         return []
     failed: set[str] = set()
-    for shard in range(settings.num_shards):
+    shards: Iterable[int] = range(settings.num_shards)
+    if storage.is_url(path):  # one listing instead of a request per shard
+        folder = str(settings.features_report_path(fe.name, split, 0).parent)
+        listed = {f.name for f in storage.list_files(folder)}
+        shards = [s for s in shards if f"shard_{s:02d}.jsonl" in listed]
+    for shard in shards:
         failed |= reported_failures(settings, fe.name, split, shard)
     return shards_with_work(RecordStore(path), settings.feature_split_root(split), fe,
                             settings.num_shards, failed)
@@ -682,8 +782,6 @@ def build_feature_shards(
     Returns:
         ``{shard: ShardStats}``.
     """
-    import uuid
-
     if isinstance(frontend, str):
         frontend = settings.frontend(frontend)
     frontend_name = frontend.name
@@ -723,6 +821,10 @@ def build_feature_shards(
     run = {"run": uuid.uuid4().hex[:16], "finished_at": round(time.time(), 3),
            "wall_seconds": round(time.perf_counter() - start, 3),
            "audio_seconds": round(sum(s.audio_seconds for s in stats.values()), 3)}
+    reports = None  # object store: the reports there, from one listing (no request per shard)
+    if storage.is_url(settings.output_path):
+        folder = str(settings.features_report_path(frontend_name, split, 0).parent)
+        reports = {f.name for f in storage.list_files(folder)}
     for shard, shard_stats in stats.items():
         report = settings.features_report_path(frontend_name, split, shard)
         if shard_stats.failures:
@@ -730,6 +832,9 @@ def build_feature_shards(
                 {"utterance_id": f.utterance_id, "audio_source": f.audio_source, "stage": f.stage, "error": f.error,
                  "split": split, "shard": shard, "frontend": frontend_name,
                  **({"limit_s": f.limit_s} if f.limit_s is not None else {})} for f in shard_stats.failures))
+        elif reports is not None:
+            if report.name in reports:
+                storage.remove(str(report))  # every earlier failure of this shard has features now
         elif report.exists():
             report.unlink()  # every earlier failure of this shard has features now
         record_shard_stats(split_root, shard, frontend, shard_stats, run)
@@ -742,7 +847,7 @@ def build_feature_shards(
 SHARD_STATS_FORMAT = 1
 
 
-def shard_stats_path(split_root: str | os.PathLike, shard: int, frontend_hash: str) -> Path:
+def shard_stats_path(split_root: str | os.PathLike, shard: int, frontend_hash: str) -> Path | str:
     """``<split_root>/feature_shards/features_NN/.stats-<hash12>.json``: what feature runs wrote in
     one shard for one frontend (readers of the cache list ``part_*.parquet`` only).
 
@@ -760,14 +865,17 @@ def shard_stats_path(split_root: str | os.PathLike, shard: int, frontend_hash: s
     """
     from .feature_cache import shard_dir
 
+    if storage.is_url(split_root):
+        return storage.join(shard_dir(split_root, shard), f".stats-{frontend_hash}.json")
     return shard_dir(split_root, shard) / f".stats-{frontend_hash}.json"
 
 
 def read_shard_stats(split_root: str | os.PathLike, shard: int, frontend_hash: str) -> dict | None:
     """The shard stats sidecar (:func:`shard_stats_path`), or None if absent, unreadable or of
     another format (it is a summary, never needed to read features)."""
+    path = shard_stats_path(split_root, shard, frontend_hash)
     try:
-        data = json.loads(shard_stats_path(split_root, shard, frontend_hash).read_text(encoding="utf-8"))
+        data = json.loads(storage.read_bytes(path) if storage.is_url(path) else path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and data.get("format") == SHARD_STATS_FORMAT else None
@@ -788,8 +896,12 @@ def record_shard_stats(split_root: str | os.PathLike, shard: int, frontend: Fron
         if old is None and not stats.records and not stats.tombstoned:
             return  # an empty shard, never described: nothing to say
         old = old or {}
-        moments = [m for m in old.get("moments", [])
-                   if m.get("parts") and all((directory / name).is_file() for name in m["parts"])]
+        if storage.is_url(split_root):  # one listing of the shard
+            present = {f.name for f in storage.list_files(directory)}
+        else:
+            present = {name for m in old.get("moments", []) for name in m.get("parts", ())
+                       if (directory / name).is_file()}
+        moments = [m for m in old.get("moments", []) if m.get("parts") and all(name in present for name in m["parts"])]
         if stats.computed and stats.feature_sum is not None:
             moments.append({"parts": list(stats.part_names), "utterances": stats.computed, "frames": stats.frames,
                             "sum": stats.feature_sum.tolist(), "sumsq": stats.feature_sumsq.tolist()})
@@ -802,7 +914,11 @@ def record_shard_stats(split_root: str | os.PathLike, shard: int, frontend: Fron
                          "worker_seconds": round(stats.worker_seconds, 3), "frames": stats.frames,
                          "parts": list(stats.part_names)},
         }
-        atomic_write_bytes(shard_stats_path(split_root, shard, fhash), json.dumps(state).encode("utf-8"))
+        target, data = shard_stats_path(split_root, shard, fhash), json.dumps(state).encode("utf-8")
+        if storage.is_url(target):
+            storage.put(target, data)  # one PUT: atomic on an object store
+        else:
+            atomic_write_bytes(target, data)
 
 
 # --- verification of what a run wrote (feature side) --------------------------------------------

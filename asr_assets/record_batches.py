@@ -35,6 +35,7 @@ import numpy as np
 import polars as pl
 
 from .manifest_batches import ManifestBatch
+from .storage import is_url
 from .manifests import ManifestRow
 from .records import (
     SPLITS,
@@ -321,7 +322,8 @@ class BatchRecordBuilder:
                 continue
             path, blob, audio_error = paths[i], blobs[i], audio_errors[i]
             outside = roots is not None and path is not None and not _inside(path, roots)
-            if outside or path is None or path.startswith(("http://", "https://")):
+            remote = path is not None and "://" in path and is_url(path)  # s3://, https://, ...: never stat-ed
+            if outside or path is None or remote:
                 local_size = None
             else:  # records._local_file_size, inlined
                 try:
@@ -339,7 +341,7 @@ class BatchRecordBuilder:
             elif require_bytes and not blob:
                 reason = "no embedded audio bytes (require_audio_bytes)"
             elif require_readable and not (blob or (path is not None and (
-                    local_size is not None or path.startswith(("http://", "https://"))))):
+                    local_size is not None or remote))):
                 reason = f"audio file not found: {path}"
             elif limit is not None and local_size is not None and local_size > limit:
                 reason = (f"audio file is {local_size / 2**20:.2f} MiB ({local_size:,} bytes), over the "

@@ -21,6 +21,22 @@ Atomicity: everything is written under ``<name>.tmp.<pid>`` names and renamed wi
 ``os.replace``, sidecars first and the JSONL last, so a reader that finds the JSONL finds a
 complete store; a killed writer leaves only ``*.tmp.<host>-<pid>`` files, which readers never
 open and the next writer on that host removes. Blobs are content-addressed and renamed into place the same way.
+
+On an object store (``jsonl_path`` a URL such as ``s3://bucket/out/record_cache/train.jsonl``;
+no rename there) the store is built in a local staging folder with the same code, then:
+
+1. blobs go to ``<dir>/<stem>_audio_blobs/<sha256>.bin`` (content-addressed, so the final name
+   is safe: one conditional PUT each, skipped when the listing already has it);
+2. the JSONL and sidecars go under a fresh version folder
+   ``<dir>/<stem>.versions/<version>/`` (unique per write: ``<time_ns>_<host>_<pid>_<random>``),
+   one PUT each;
+3. last, the commit object ``<dir>/<stem>.commit.json`` (:data:`COMMIT_FORMAT`) is PUT: it names
+   the version's files with their sizes and SHA-256, the blob folder and the counts.
+
+Readers (:class:`RecordStore`, :func:`record_store_is_valid`) trust only what a commit object
+names, so a killed writer leaves nothing they read; two writers of one split both write whole
+versions and the last commit wins, as the last rename wins locally. Files of the version a new
+commit replaced are deleted after it (a reader still fetching them re-reads the commit).
 """
 
 from __future__ import annotations
@@ -30,6 +46,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from array import array
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
@@ -38,6 +55,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from . import storage
 from ._fs import atomic_write_bytes, file_lock, remove_stale_tmp, tmp_path_for
 from .errors import CacheCorruptError
 from .records import Record
@@ -94,6 +112,7 @@ class WriteSummary:
     blobs: int = 0
     durations_s: list[float] = field(default_factory=list)
     sha256: str = ""  # of the JSONL bytes: the split's data version
+    version: str = ""  # object stores: the version folder its commit object names
 
 
 def write_record_cache(jsonl_path: str | os.PathLike, records: Iterable[Record]) -> WriteSummary:
@@ -111,7 +130,11 @@ def write_record_cache(jsonl_path: str | os.PathLike, records: Iterable[Record])
     record (``offset_s`` set) gets the :data:`SEGMENT_KEYS`.
     An existing store is replaced only once the new one is complete; concurrent writers of the
     same store are serialized by a lock on ``<split>.jsonl.lock`` and the last one wins.
+    On an object store (a URL), see the module docstring: staged locally, then blobs, version
+    files and the commit object, in that order.
     """
+    if storage.is_url(jsonl_path):
+        return _write_remote(str(jsonl_path), records)
     jsonl_path = Path(jsonl_path)
     jsonl_path.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(jsonl_path.with_name(jsonl_path.name + ".lock")):
@@ -188,9 +211,15 @@ class RecordCacheWriter:
     """
 
     def __init__(self, jsonl_path: str | os.PathLike):
-        self.path = Path(jsonl_path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._stack = contextlib.ExitStack()
+        self._remote = str(jsonl_path) if storage.is_url(jsonl_path) else None
+        if self._remote is not None:  # staged locally; close() uploads and writes the commit object
+            self._staging = _staging_dir(_stem(self._remote))
+            self._stack.callback(shutil.rmtree, self._staging, True)
+            self.path = self._staging / f"{_stem(self._remote)}.jsonl"
+        else:
+            self.path = Path(jsonl_path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._stack.enter_context(file_lock(self.path.with_name(self.path.name + ".lock")))
         try:
             remove_stale_tmp(self.path.parent, prefix=self.path.name)
@@ -260,11 +289,13 @@ class RecordCacheWriter:
             for suffix in SIDECARS:
                 os.replace(tmp_path_for(sidecar_path(self.path, suffix)), sidecar_path(self.path, suffix))
             os.replace(self._tmp, self.path)  # last: a reader that sees this JSONL sees its sidecars
+            self.summary.sha256 = self._digest.hexdigest()
+            if self._remote is not None:
+                _commit_remote(self.path, self._remote, self.summary)
         except BaseException:
             self.abort()
             raise
         self._stack.close()
-        self.summary.sha256 = self._digest.hexdigest()
         return self.summary
 
     def abort(self) -> None:
@@ -273,6 +304,143 @@ class RecordCacheWriter:
         for path in (tmp_path_for(self.path), *(tmp_path_for(sidecar_path(self.path, s)) for s in SIDECARS)):
             with contextlib.suppress(OSError):
                 path.unlink()
+
+
+# ----------------------------------------------------------------------------- object stores
+
+#: ``format`` of a commit object.
+COMMIT_FORMAT = "asr_assets.record_cache.commit/1"
+
+
+def commit_url(jsonl_url: str) -> str:
+    """``<dir>/<stem>.commit.json`` for ``<dir>/<stem>.jsonl``."""
+    folder, stem = storage.parent(str(jsonl_url)), _stem(jsonl_url)
+    return storage.join(folder, f"{stem}.commit.json")
+
+
+def _stem(jsonl_url) -> str:
+    name = storage.basename(str(jsonl_url))
+    return name[:-len(".jsonl")] if name.endswith(".jsonl") else name
+
+
+def read_commit(jsonl_url: str) -> dict | None:
+    """The commit object of a remote store, or None when there is none (never written, or not
+    a commit object)."""
+    try:
+        commit = json.loads(storage.read_bytes(commit_url(jsonl_url)))
+    except (FileNotFoundError, ValueError):
+        return None
+    return commit if isinstance(commit, dict) and commit.get("format") == COMMIT_FORMAT else None
+
+
+def _staging_dir(stem: str) -> Path:
+    """A new local folder (in the content cache's ``staging/``) where a remote store is written
+    before its upload."""
+    import tempfile
+
+    staging_root = storage.cache_dir() / "staging"
+    staging_root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{stem}.", dir=staging_root))
+
+
+def _write_remote(jsonl_url: str, records: Iterable[Record]) -> WriteSummary:
+    staging = _staging_dir(_stem(jsonl_url))
+    try:
+        local = staging / f"{_stem(jsonl_url)}.jsonl"
+        return _commit_remote(local, jsonl_url, _write_locked(local, records))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _commit_remote(local: Path, jsonl_url: str, summary: WriteSummary) -> WriteSummary:
+    """Upload a complete local store (``local`` JSONL, sidecars, blobs) to ``jsonl_url``: new blobs,
+    then the version's files under new names, then the commit object (last: readers trust only
+    it), then the replaced version's files are removed."""
+    import time
+    import uuid
+
+    folder, stem = storage.parent(jsonl_url), _stem(jsonl_url)
+    version = f"{time.time_ns()}_{storage.writer_id()}_{uuid.uuid4().hex[:8]}"
+    blob_folder = storage.join(folder, f"{stem}_audio_blobs")
+    local_blobs = blob_dir(local)
+    if local_blobs.is_dir():
+        present = {f.name for f in storage.list_files(blob_folder)}
+        for blob in sorted(local_blobs.iterdir()):
+            if blob.name not in present:
+                try:
+                    storage.put_new(storage.join(blob_folder, blob.name), blob.read_bytes())
+                except FileExistsError:
+                    pass  # same name, same content (another writer)
+    files = {}
+    for suffix in ("", *SIDECARS):
+        data = (local.parent / (local.name + suffix)).read_bytes()
+        relative = f"{stem}.versions/{version}/{stem}.jsonl{suffix}"
+        storage.put_new(storage.join(folder, relative), data)
+        files[suffix or ".jsonl"] = {"path": relative, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    previous = read_commit(jsonl_url)
+    commit = {"format": COMMIT_FORMAT, "version": version, "writer": storage.writer_id(), "written_at": time.time(),
+              "jsonl": files.pop(".jsonl"), "sidecars": files, "blobs": f"{stem}_audio_blobs",
+              "utterances": summary.utterances, "blob_count": summary.blobs, "sha256": summary.sha256}
+    storage.put(commit_url(jsonl_url), json.dumps(commit, indent=1, sort_keys=True).encode("utf-8"))
+    if previous and previous.get("version") != version:  # the replaced version's files: garbage now
+        for entry in (previous.get("jsonl", {}), *previous.get("sidecars", {}).values()):
+            if entry.get("path", "").startswith(f"{stem}.versions/"):
+                storage.remove(storage.join(folder, entry["path"]))
+    summary.path, summary.version = jsonl_url, version
+    return summary
+
+
+def _fetch_committed(jsonl_url: str) -> tuple[Path, dict]:
+    """Local copies (content cache) of the files a remote store's commit names: ``(local
+    JSONL path, commit)``; the sidecars sit beside the JSONL under their usual names.
+
+    Raises:
+        CacheCorruptError: no commit object, or a named file is missing or differs from it.
+    """
+    for attempt in range(3):
+        commit = read_commit(jsonl_url)
+        if commit is None:
+            raise CacheCorruptError(f"record store {jsonl_url!r} has no commit object ({commit_url(jsonl_url)}): "
+                                    "never written completely")
+        folder, stem = storage.parent(jsonl_url), _stem(jsonl_url)
+        target = storage.cache_dir() / "record_stores" / hashlib.sha256(
+            f"{jsonl_url}\n{commit['version']}".encode("utf-8")).hexdigest()[:32]
+        local = target / f"{stem}.jsonl"
+        entries = {"": commit["jsonl"], **commit.get("sidecars", {})}
+        try:
+            for suffix, entry in entries.items():
+                path = local.with_name(local.name + suffix)
+                if path.is_file() and path.stat().st_size == entry["size"]:
+                    continue
+                url = storage.join(folder, entry["path"])
+                known = storage.ObjectInfo(url, entry["size"], 0, entry["sha256"])
+                data = storage.fetch(url, known=known).read_bytes()
+                if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                    raise CacheCorruptError(f"{url} does not match its commit object (sha256)")
+                target.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path, data)
+            return local, commit
+        except FileNotFoundError:  # replaced by a newer commit while we fetched: read it again
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def download_record_cache(jsonl_url: str, dest: str | os.PathLike) -> Path:
+    """Copy a remote store to ``dest`` in the local layout (``<stem>.jsonl``, sidecars,
+    ``<stem>_audio_blobs/``) from what its commit object names; returns the local JSONL path."""
+    local, commit = _fetch_committed(jsonl_url)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    stem = _stem(jsonl_url)
+    for path in local.parent.iterdir():
+        if path.name.startswith(f"{stem}.jsonl"):
+            atomic_write_bytes(dest / path.name, path.read_bytes())
+    blob_folder = storage.join(storage.parent(jsonl_url), commit["blobs"])
+    for blob in storage.list_files(blob_folder):
+        (dest / commit["blobs"]).mkdir(exist_ok=True)
+        atomic_write_bytes(dest / commit["blobs"] / blob.name, storage.read_bytes(str(blob)))
+    return dest / f"{stem}.jsonl"
 
 
 def _entry_count(path: Path, itemsize: int) -> int | None:
@@ -288,7 +456,13 @@ def _entry_count(path: Path, itemsize: int) -> int | None:
 
 def record_store_is_valid(jsonl_path: str | os.PathLike) -> bool:
     """Upstream reuse rule (spec §1.2): non-empty JSONL; offsets and estimated_frames present,
-    non-empty, aligned and of equal count; each optional sidecar, if present, of that count."""
+    non-empty, aligned and of equal count; each optional sidecar, if present, of that count.
+    A remote store: the files its commit object names, checked the same way."""
+    if storage.is_url(jsonl_path):
+        try:
+            jsonl_path, _ = _fetch_committed(str(jsonl_path))
+        except (CacheCorruptError, OSError):
+            return False
     jsonl_path = Path(jsonl_path)
     if not jsonl_path.is_file() or jsonl_path.stat().st_size == 0:
         return False
@@ -334,11 +508,13 @@ class RecordStore:
     sidecar) and ``audio_blob_abspath`` (the blob resolved against the JSONL's folder, or None).
 
     Args:
-        jsonl_path: ``<output>/record_cache/<split>.jsonl``.
+        jsonl_path: ``<output>/record_cache/<split>.jsonl``, or its URL on an object store:
+            the files the commit object names are fetched once into the local content cache
+            (:func:`asr_assets.storage.cache_dir`), and ``audio_blob_abspath`` is the blob's URL.
 
     Raises:
         CacheCorruptError: the offsets sidecar is missing or misaligned, or a sidecar's entry
-            count differs from the offsets'.
+            count differs from the offsets' (a remote store: it has no commit object).
 
     An empty store (0 records: empty JSONL and empty sidecars) is valid and has length 0.
     """
@@ -352,6 +528,13 @@ class RecordStore:
     }
 
     def __init__(self, jsonl_path: str | os.PathLike):
+        #: the URL of a remote store, else None
+        self.url: str | None = None
+        self._blob_base: str | None = None
+        if storage.is_url(jsonl_path):
+            self.url = str(jsonl_path)
+            jsonl_path, _ = _fetch_committed(self.url)
+            self._blob_base = storage.parent(self.url)
         self.path = Path(jsonl_path)
         offsets_path = sidecar_path(self.path, ".offsets.u64")
         if not self.path.is_file() or not offsets_path.is_file():
@@ -410,5 +593,8 @@ class RecordStore:
         for name, values in self.sidecars.items():
             item[name] = int(values[index]) if values is not None else None
         blob = item.get("audio_blob_path")
-        item["audio_blob_abspath"] = str(self.path.parent / blob) if blob and not os.path.isabs(blob) else blob
+        if blob and self._blob_base is not None and not os.path.isabs(blob) and not storage.is_url(blob):
+            item["audio_blob_abspath"] = storage.resolve(blob, self._blob_base)
+        else:
+            item["audio_blob_abspath"] = str(self.path.parent / blob) if blob and not os.path.isabs(blob) else blob
         return item

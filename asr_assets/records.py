@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from .errors import ConfigError
 from .manifests import ManifestRow
+from .storage import is_url as _is_url  # http(s), s3, gs, ...: a remote location, never stat-ed
 
 SPLITS = ("train", "validation", "test")
 TARGET_SAMPLE_RATE = 16000
@@ -226,7 +227,7 @@ def symbol_ratio(text: str) -> float:
 
 def _local_file_size(path: str | None) -> int | None:
     """Size of the regular local file at ``path``, or None (no path, a URL, missing, not a file)."""
-    if path is None or path.startswith(("http://", "https://")):
+    if path is None or _is_url(path):
         return None
     try:
         st = os.stat(path)
@@ -239,11 +240,11 @@ def _audio_readable(row: ManifestRow, local_size: int | None) -> bool:
     if row.audio_bytes:
         return True
     path = row.audio_path
-    return path is not None and (path.startswith(("http://", "https://")) or local_size is not None)
+    return path is not None and (_is_url(path) or local_size is not None)
 
 
 def _inside(path: str, roots: Sequence[str]) -> bool:
-    if path.startswith(("http://", "https://")):
+    if _is_url(path):
         return False
     real = os.path.realpath(path)
     return any(os.path.commonpath([real, root]) == root for root in roots)

@@ -10,8 +10,8 @@ Environment variables (read when called, never at import time):
 =========================  ==================================================  ===========================
 variable                   meaning                                             default
 =========================  ==================================================  ===========================
-``ASR_ASSETS_MANIFESTS``   manifest files/folders joined by ``os.pathsep``     the bundled sample
-``ASR_ASSETS_OUTPUT``      output root                                         ``artifacts/``
+``ASR_ASSETS_MANIFESTS``   manifest files/folders/URLs joined by ``os.pathsep`` the bundled sample
+``ASR_ASSETS_OUTPUT``      output root (a folder, or a URL: ``s3://b/prefix``)  ``artifacts/``
 ``ASR_ASSETS_FRONTENDS``   comma list of frontends                             ``squeezeformer``
 ``ASR_ASSETS_WORKERS``     feature-extraction processes                        every core
 ``ASR_ASSETS_CONFINE_AUDIO`` ``1``: audio paths must stay inside the roots       off
@@ -32,6 +32,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -46,6 +47,14 @@ def bundled_sample_manifests() -> list[str]:
     """The sample corpus shipped inside the package: a Parquet folder and a TSV folder."""
     root = Path(__file__).resolve().parent / "sample_data"
     return [str(root / "hf"), str(root / "cv")]
+
+
+def _split_sources(value: str) -> list[str]:
+    """``os.pathsep``-joined sources; a ``:`` that starts ``://`` (``s3://b/m:/data/cv``) is part
+    of a URL, not a separator."""
+    if os.pathsep != ":":
+        return value.split(os.pathsep)
+    return re.split(r":(?!//)", value)
 
 
 @dataclass(frozen=True)
@@ -137,7 +146,7 @@ class Settings:
         env = os.environ if environ is None else environ
         values: dict = {}
         if env.get("ASR_ASSETS_MANIFESTS"):
-            values["manifests"] = tuple(p for p in env["ASR_ASSETS_MANIFESTS"].split(os.pathsep) if p)
+            values["manifests"] = tuple(p for p in _split_sources(env["ASR_ASSETS_MANIFESTS"]) if p)
         if env.get("ASR_ASSETS_OUTPUT"):
             values["output"] = env["ASR_ASSETS_OUTPUT"]
         if env.get("ASR_ASSETS_FRONTENDS"):
@@ -200,10 +209,26 @@ class Settings:
     # --- layout -------------------------------------------------------------------------
     @property
     def output_path(self) -> Path:
-        return Path(self.output).resolve()
+        """The output root: a resolved local :class:`~pathlib.Path`, or for a URL output
+        (``s3://bucket/prefix``, ``gs://...``) a :class:`upath.UPath` of it (same path API;
+        the writers detect it and use the object-store commit protocols)."""
+        from .storage import is_url, upath
+
+        return upath(self.output.rstrip("/")) if is_url(self.output) else Path(self.output).resolve()
+
+    @property
+    def output_is_remote(self) -> bool:
+        """Whether the output root (or the record cache folder) is on an object store."""
+        from .storage import is_url
+
+        return is_url(self.output) or is_url(self.record_cache_dir)
 
     def record_cache_path(self, split: str) -> Path:
         if self.record_cache_dir is not None:
+            from .storage import is_url, upath
+
+            if is_url(self.record_cache_dir):
+                return upath(self.record_cache_dir.rstrip("/")) / f"{split}.jsonl"
             return Path(self.record_cache_dir).resolve() / f"{split}.jsonl"
         return self.output_path / "record_cache" / f"{split}.jsonl"
 

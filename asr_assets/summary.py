@@ -31,6 +31,7 @@ import base64
 import io
 import json
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from . import storage
 from .feature_cache import ShardedParquetFeatureCache, cache_key, shard_dir, shard_index
 from .frontends import Frontend
 from .pipeline import read_shard_stats
@@ -126,8 +128,8 @@ class SplitSummary:
 
 def _report_stages(path: Path) -> Counter:
     stages: Counter = Counter()
-    if path.is_file():
-        with open(path, encoding="utf-8") as handle:
+    if path.is_file():  # a Path, or a UPath of an object (one HEAD, one GET)
+        with path.open(encoding="utf-8") as handle:
             for line in handle:
                 if line.strip():
                     stages[json.loads(line).get("stage") or "unknown"] += 1
@@ -156,7 +158,7 @@ def summarize_split(settings: Settings, split: str, frontends: Sequence[Frontend
         if frames is not None:
             summary.estimated_frames = frames.astype(np.int64)
         speakers = set()
-        with open(path, "rb") as handle:
+        with open(store.path, "rb") as handle:  # on an object store: the committed local copy
             for line in handle:
                 record = json.loads(line)
                 ids.append(record["utterance_id"])
@@ -185,7 +187,8 @@ def _summarize_features(settings: Settings, split: str, frontend: Frontend, ids:
     total_sq = np.zeros(frontend.feature_dim)
     for shard in range(settings.num_shards):
         stages += _report_stages(settings.features_report_path(frontend.name, split, shard))
-        if not shard_dir(split_root, shard).is_dir():
+        directory = shard_dir(split_root, shard)
+        if not (storage.is_dir(directory) if isinstance(directory, str) else directory.is_dir()):
             continue
         live = cache.keys(shard, frontend_hash=fhash)
         result.with_features += len(live & wanted.get(shard, set()))
@@ -202,14 +205,16 @@ def _summarize_features(settings: Settings, split: str, frontend: Frontend, ids:
             runs[last["run"]] = (float(last.get("wall_seconds", 0.0)), float(last.get("audio_seconds", 0.0)))
             finished = float(last.get("finished_at", 0.0))
             result.last_run_at = max(result.last_run_at or finished, finished)
-        live_rows = Counter(where[0].name for key, where in cache.shard_entries(shard).items()
+        entries = cache.shard_entries(shard)
+        present = {os.path.basename(str(where[0])) for where in entries.values() if where is not None}
+        live_rows = Counter(os.path.basename(str(where[0])) for key, where in entries.items()
                             if where is not None and key in live)
         for entry in state.get("moments", []):
             parts = entry.get("parts") or []
             if len(entry.get("sum", ())) != frontend.feature_dim:
                 continue
             # exact only while every row it counted is still live in its parts
-            if not all((shard_dir(split_root, shard) / name).is_file() for name in parts):
+            if not all(name in present for name in parts):
                 continue
             if sum(live_rows.get(name, 0) for name in parts) != entry["utterances"]:
                 continue

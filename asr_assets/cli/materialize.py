@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import ManifestError
 from ..settings import SPLITS, Settings
+from ..storage import is_url
 from . import _common
 
 _QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
@@ -81,10 +82,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         discover_manifests(source)  # raises ManifestError naming the source
     for name in settings.frontends:
         settings.frontend(name)  # raises UnknownFrontendError with suggestions, or a bad override
-    if settings.source_base and not Path(settings.source_base).is_dir():
+    if settings.source_base and not is_url(settings.source_base) and not Path(settings.source_base).is_dir():
         raise ConfigError(f"--source-base {settings.source_base!r} is not a folder")
-    _common.check_output(settings.output_path, "--output" if args.output else
-                         "ASR_ASSETS_OUTPUT" if os.environ.get("ASR_ASSETS_OUTPUT") else "the default output")
+    if not settings.output_is_remote:  # an object store has no folders to create; a PUT that fails says why
+        _common.check_output(settings.output_path, "--output" if args.output else
+                             "ASR_ASSETS_OUTPUT" if os.environ.get("ASR_ASSETS_OUTPUT") else "the default output")
     return settings
 
 
@@ -224,7 +226,7 @@ def _records_reports(settings: Settings) -> tuple[dict[str, int], list[dict]]:
         if not path.exists():
             continue
         rows[split] = 0
-        with open(path, encoding="utf-8") as handle:
+        with path.open(encoding="utf-8") as handle:
             for line in handle:
                 entry = json.loads(line)
                 if entry.get("utterance_id") is None:
@@ -235,17 +237,17 @@ def _records_reports(settings: Settings) -> tuple[dict[str, int], list[dict]]:
 
 
 def _print_summary(settings: Settings) -> None:
-    from ..record_cache import RecordStore
+    from ..record_cache import RecordStore, read_commit
 
     reports = settings.output_path / "reports"
     rejected, problems = _records_reports(settings)
     for split in SPLITS:
         path = settings.record_cache_path(split)
-        if path.exists():
+        if read_commit(str(path)) is not None if is_url(path) else path.exists():
             print(f"  {split:<10} {len(RecordStore(path)):>7} records, {rejected.get(split, 0)} manifest rows not cached")
     for entry in problems[:5]:
         print(f"  manifest problem: {entry.get('error')}")
     if len(problems) > 5:
         print(f"  ... and {len(problems) - 5} more manifest problems in {reports}/records-<split>.jsonl")
-    failures = sum(sum(1 for _ in open(p, encoding="utf-8")) for p in reports.glob("*/*/shard_*.jsonl")) if reports.exists() else 0
+    failures = sum(sum(1 for _ in p.open(encoding="utf-8")) for p in reports.glob("*/*/shard_*.jsonl")) if reports.exists() else 0
     print(f"  feature failures: {failures} (reports under {reports})", flush=True)

@@ -22,6 +22,7 @@ from asr_assets.extraction import plan_shard_tasks
 from asr_assets.frontends import Frontend
 from asr_assets.pipeline import verify_feature_shard
 from asr_assets.record_cache import RecordStore, record_store_is_valid
+from asr_assets.storage import basename, is_url, list_files
 
 from .assets import record_cache
 from .partitions import feature_partition_key, parse_feature_partition_key
@@ -62,11 +63,13 @@ def record_cache_consistent(context: dg.AssetCheckExecutionContext, asr_config: 
     unchanged = []
     for split in _partition_keys(context):
         path = settings.record_cache_path(split)
-        if not path.exists():
+        remote = is_url(path)  # an object store: the files its commit object names (local copies)
+        if not remote and not path.exists():
             problems.append(f"{split}: {path} missing")
             continue
-        if path.stat().st_size and not record_store_is_valid(path):
-            problems.append(f"{split}: sidecar sizes disagree with the offsets")
+        if (remote or path.stat().st_size) and not record_store_is_valid(path):
+            problems.append(f"{split}: no commit object or sidecar sizes disagree with the offsets" if remote
+                            else f"{split}: sidecar sizes disagree with the offsets")
             continue
         store = RecordStore(path)
         up_to_date = written.get(split, {}).get("up_to_date")
@@ -74,14 +77,16 @@ def record_cache_consistent(context: dg.AssetCheckExecutionContext, asr_config: 
             unchanged.append(split)
             counts[split] = len(store)
             continue
-        data = path.read_bytes()
+        data = store.path.read_bytes()
         lines = data.count(b"\n")
         if lines != len(store):
             problems.append(f"{split}: {lines} JSONL lines but {len(store)} offsets")
         bad = [int(o) for o in store.offsets if o and data[o - 1:o] != b"\n"]
         if bad:
             problems.append(f"{split}: {len(bad)} offsets not at a line start")
-        missing = [r["utterance_id"] for r in store if r["audio_blob_abspath"] and not os.path.isfile(r["audio_blob_abspath"])]
+        present = ({b.name for b in list_files(str(path.parent / f"{split}_audio_blobs"))} if remote else None)
+        missing = [r["utterance_id"] for r in store if r["audio_blob_abspath"] and not (
+            basename(r["audio_blob_abspath"]) in present if remote else os.path.isfile(r["audio_blob_abspath"]))]
         if missing:
             problems.append(f"{split}: {len(missing)} audio blobs missing, e.g. {missing[0]!r}")
         counts[split] = len(store)
