@@ -424,14 +424,40 @@ def extract_shards(
     """
     fhash = frontend.frontend_hash()
     plan = plan_shard_tasks(store, fhash, shards, config.num_shards)
-    with contextlib.ExitStack() as locks:
-        for shard in sorted(plan):  # sorted: two runs over overlapping shards cannot deadlock
-            locks.enter_context(shard_lock(split_root, shard, fhash))
-        return _extract_locked(plan, split_root, frontend, fhash, config, progress)
-
-
-def _extract_locked(plan, split_root, frontend: Frontend, fhash: str, config: ExtractionConfig, progress) -> dict[int, ShardStats]:
+    # A shard with nothing to compute or tombstone, as seen without its lock, is left alone (no
+    # lock taken: on an object store a lock is several requests). Another writer can only have
+    # added keys since, which the next run sees.
     reader = ShardedParquetFeatureCache(split_root, config.num_shards)
+    output_hashes = frontend.output_hashes()
+    idle = {shard: ShardStats(shard=shard, records=len(tasks), skipped=len(tasks))
+            for shard, tasks in plan.items() if _up_to_date(reader, shard, fhash, tasks, output_hashes)}
+    busy = {shard: tasks for shard, tasks in plan.items() if shard not in idle}
+    with contextlib.ExitStack() as locks:
+        for shard in sorted(busy):  # sorted: two runs over overlapping shards cannot deadlock
+            locks.enter_context(shard_lock(split_root, shard, fhash))
+        reader.refresh()  # what the shards hold now that they are ours
+        stats = _extract_locked(busy, reader, split_root, frontend, fhash, config, progress)
+    return {shard: idle.get(shard) or stats[shard] for shard in plan}
+
+
+def _up_to_date(reader: ShardedParquetFeatureCache, shard: int, fhash: str, tasks: list[_Task],
+                output_hashes: dict[str | None, str]) -> bool:
+    """Whether every record of ``tasks`` has its keys in ``shard`` and the shard holds no key of
+    this frontend for a record that is gone."""
+    present = reader.keys(shard, frontend_hash=fhash)
+    if not tasks:
+        return not present
+    wanted = set()
+    for task in tasks:
+        keys = _record_keys(task, output_hashes).values()
+        if not present.issuperset(keys):
+            return False
+        wanted.update(keys)
+    return not (present - wanted)
+
+
+def _extract_locked(plan, reader: ShardedParquetFeatureCache, split_root, frontend: Frontend, fhash: str,
+                    config: ExtractionConfig, progress) -> dict[int, ShardStats]:
     stats = {s: ShardStats(shard=s, records=len(tasks)) for s, tasks in plan.items()}
     todo: list[_Task] = []
     orphans: dict[int, list[str]] = {}

@@ -185,8 +185,13 @@ def _summarize_features(settings: Settings, split: str, frontend: Frontend, ids:
     runs: dict[str, tuple[float, float]] = {}
     total = np.zeros(frontend.feature_dim)
     total_sq = np.zeros(frontend.feature_dim)
+    reports = None  # object store: the failure reports there, from one listing (not a request per shard)
+    if storage.is_url(split_root):
+        reports = {f.name for f in storage.list_files(str(settings.features_report_path(frontend.name, split, 0).parent))}
     for shard in range(settings.num_shards):
-        stages += _report_stages(settings.features_report_path(frontend.name, split, shard))
+        report = settings.features_report_path(frontend.name, split, shard)
+        if reports is None or report.name in reports:
+            stages += _report_stages(report)
         directory = shard_dir(split_root, shard)
         if not (storage.is_dir(directory) if isinstance(directory, str) else directory.is_dir()):
             continue

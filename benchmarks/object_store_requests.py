@@ -4,64 +4,136 @@ no-op re-run.
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/object_store_requests.py
+    python benchmarks/object_store_requests.py [--workers 2]
 
-Uploads ``asr_assets_tests/data/{formats,en_hf}``, runs the graph with ``--workers 2`` and prints
-the requests by method and kind of object (from the server's access log), the wall time and the
-record count. Needs the ``test`` extra (``moto[server]``, ``s3fs``).
+Uploads ``asr_assets_tests/data/{formats,en_hf}``, runs the graph and prints the requests by
+method and kind of object (from the server's access log), the wall time, the record count and
+the audio hours, and the requests per hour of audio. Needs the ``test`` extra (``moto[server]``,
+``s3fs``).
 """
-import collections, logging, os, re, shutil, socket, sys, tempfile, time
-from moto.server import ThreadedMotoServer
 
-def run():
-    from pathlib import Path
+from __future__ import annotations
 
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
-    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False); srv.start()
-    reqs = []
-    class H(logging.Handler):
-        def emit(self, r):
-            try:
-                m, t = re.sub(r"\x1b\[[0-9;]*m", "", str(r.args[0])).split(" ")[:2]; reqs.append((m, t))
-            except Exception: pass
-    w = logging.getLogger("werkzeug"); w.addHandler(H()); w.setLevel(logging.INFO); w.propagate = False
-    tmp = Path(tempfile.mkdtemp())
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s",
-                      AWS_DEFAULT_REGION="us-east-1", DAGSTER_HOME=str(tmp / "dh"), ASR_ASSETS_CACHE_DIR=str(tmp / "cc"))
-    from asr_assets import storage
+import argparse
+import collections
+import logging
+import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BUCKET = "s3://bench"
+SOURCES = ("formats", "en_hf")
+#: Substrings of an object path that name what it is, in the order they are tried.
+KINDS = ("/part_", ".lock-", ".asr_assets_index", "_audio_blobs/", ".commit.json", ".versions/", "/reports/",
+         "inputs.json", "probed_durations", "build.lock", ".stats-", "/manifests/")
+
+
+class RequestLog(logging.Handler):
+    """``(method, target)`` of every request moto's werkzeug server logs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not record.args:
+            return
+        words = re.sub(r"\x1b\[[0-9;]*m", "", str(record.args[0])).split(" ")
+        if len(words) >= 2:
+            self.requests.append((words[0], words[1]))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kind(method: str, target: str) -> str:
+    """``"PUT /part_"``, ``"LIST out"`` ...: what one request was for."""
+    path = target.split("?")[0]
+    if "list-type=2" in target:
+        return f"LIST {'manifests' if 'prefix=manifests' in target else 'output'}"
+    for name in KINDS:
+        if name in path:
+            return f"{method} {name}"
+    return f"{method} other"
+
+
+def materialize(workers: int, log: RequestLog) -> tuple[collections.Counter, float]:
     from asr_assets.cli import main
-    data = Path("asr_assets_tests/data")
-    fs, _ = storage.filesystem("s3://bench"); fs.mkdir("bench")
-    for name in ("formats", "en_hf"):
-        for p in sorted((data / name).rglob("*")):
-            if p.is_file():
-                storage.put(f"s3://bench/manifests/{name}/{p.relative_to(data / name).as_posix()}", p.read_bytes())
-    time.sleep(0.2); reqs.clear()
-    t0 = time.time()
-    assert main(["materialize", "--manifests", "s3://bench/manifests/formats", "--manifests", "s3://bench/manifests/en_hf",
-                 "--output", "s3://bench/out", "--workers", "2"]) == 0
-    wall = time.time() - t0
-    time.sleep(0.3)
-    def kind(m, t):
-        path = t.split("?")[0]
-        if "list-type=2" in t: return f"LIST {'manifests' if '/manifests' in t or 'prefix=manifests' in t else 'out'}"
-        for k in ("/part_", ".lock-", ".asr_assets_index", "_audio_blobs/", ".commit.json", ".versions/", "/reports/",
-                  "inputs.json", "probed_durations", "/manifests/"):
-            if k in path: return f"{m} {k}"
-        return f"{m} other {path[:60]}"
-    c = collections.Counter(kind(m, t) for m, t in reqs)
-    for k, v in sorted(c.items()): print(f"{v:6d}  {k}")
-    print("total", len(reqs), "wall_s", round(wall, 1))
-    from asr_assets.record_cache import RecordStore
-    n = sum(len(RecordStore(f"s3://bench/out/record_cache/{s}.jsonl")) for s in ("train", "validation", "test"))
-    print("records", n)
-    reqs.clear()
-    assert main(["materialize", "--manifests", "s3://bench/manifests/formats", "--manifests", "s3://bench/manifests/en_hf",
-                 "--output", "s3://bench/out", "--workers", "2"]) == 0
-    time.sleep(0.3)
-    c = collections.Counter(kind(m, t) for m, t in reqs)
-    print("--- no-op re-run"); [print(f"{v:6d}  {k}") for k, v in sorted(c.items())]; print("total", len(reqs))
-    srv.stop()
 
-if __name__ == '__main__':
-    run()
+    log.requests.clear()
+    start = time.perf_counter()
+    args = [a for name in SOURCES for a in ("--manifests", f"{BUCKET}/manifests/{name}")]
+    if main(["materialize", *args, "--output", f"{BUCKET}/out", "--workers", str(workers)]) != 0:
+        raise SystemExit("materialize failed")
+    wall = time.perf_counter() - start
+    time.sleep(0.3)  # the server logs a request after answering it
+    return collections.Counter(kind(m, t) for m, t in log.requests), wall
+
+
+def print_counts(title: str, counts: collections.Counter, wall: float) -> None:
+    print(f"\n{title}: {sum(counts.values())} requests in {wall:.1f} s wall")
+    for name, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        print(f"{n:7d}  {name}")
+    by_method = collections.Counter()
+    for name, n in counts.items():
+        by_method[name.split(" ")[0]] += n
+    print("  by method: " + ", ".join(f"{m} {n}" for m, n in sorted(by_method.items())))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    log = RequestLog()
+    werkzeug = logging.getLogger("werkzeug")
+    werkzeug.addHandler(log)
+    werkzeug.setLevel(logging.INFO)
+    werkzeug.propagate = False
+    work = Path(tempfile.mkdtemp(prefix="asr_assets_requests_"))
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      DAGSTER_HOME=str(work / "dagster_home"), ASR_ASSETS_CACHE_DIR=str(work / "content-cache"))
+    try:
+        from asr_assets import storage
+        from asr_assets.record_cache import RecordStore
+
+        fs, _ = storage.filesystem(BUCKET)
+        fs.mkdir(BUCKET.split("://")[1])
+        data = ROOT / "asr_assets_tests" / "data"
+        for name in SOURCES:
+            for path in sorted((data / name).rglob("*")):
+                if path.is_file():
+                    storage.put(f"{BUCKET}/manifests/{name}/{path.relative_to(data / name).as_posix()}",
+                                path.read_bytes())
+        counts, wall = materialize(args.workers, log)
+        stores = [RecordStore(f"{BUCKET}/out/record_cache/{split}.jsonl") for split in ("train", "validation", "test")]
+        records = sum(len(s) for s in stores)
+        hours = sum(float(s.sidecars["num_samples"].sum()) for s in stores) / 16000 / 3600
+        print_counts("first run", counts, wall)
+        print(f"  {records} records, {hours * 3600:.1f} s of audio: {sum(counts.values()) / hours:,.0f} requests "
+              "per hour of audio at this corpus's shard count (LIST and lock requests grow with shards, not hours)")
+        counts, wall = materialize(args.workers, log)
+        print_counts("no-op re-run", counts, wall)
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
