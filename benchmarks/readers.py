@@ -33,8 +33,8 @@ Then a 2-worker ``torch.utils.data.DataLoader`` over ``FeatureDataset`` +
 ``--max-frames`` frames (lhotse: ``max_duration = max_frames * 0.01 s``); one epoch is timed after
 a warm-up epoch, best of ``--epochs``.
 
-It prints loads/s, MB/s and the ratio to h5py, batches/s and frames/s, file sizes and write
-times. The figures move by ~15 % between runs on a shared 2-core VM; compare ratios within one run.
+It prints loads/s, MB/s and the ratio to h5py for shuffled (random) and record-order
+(sequential) loads, batches/s and frames/s, file sizes and write times. The figures move by ~15 % between runs on a shared 2-core VM; compare ratios within one run.
 """
 
 from __future__ import annotations
@@ -106,7 +106,9 @@ def time_best(runs: dict, rounds: int = 3) -> dict[str, float]:
     return best
 
 
-def random_loads(root: Path, arrays: dict[str, np.ndarray], order: list[str], layouts: dict[str, Path]) -> dict[str, float]:
+def timed_loads(root: Path, arrays: dict[str, np.ndarray], order: list[str], layouts: dict[str, Path]) -> dict[str, float]:
+    """Best seconds per reader for loading ``order`` (random), then as many utterances in record
+    order (``<reader>, sequential``), then cold without persisted shard indexes (``, footers``)."""
     import h5py
 
     t = time.perf_counter()
@@ -126,61 +128,67 @@ def random_loads(root: Path, arrays: dict[str, np.ndarray], order: list[str], la
     print("export (asr_assets.stores.export_feature_store from the Parquet cache): " + ", ".join(
         f"{b} {e.seconds:.2f} s ({sum(p.stat().st_size for p in e.path.iterdir()) / 1e6:.0f} MB)" for b, e in exports.items()))
 
-    runs = {}
-    for name, split_root in layouts.items():
-        def cold(split_root=split_root):
-            cache = ShardedParquetFeatureCache(split_root)
-            for u in order:
-                cache.load(u, HASH)
-            return cache
-
-        warm = cold()
-
-        def warm_run(warm=warm):
-            for u in order:
-                warm.load(u, HASH)
-
-        runs[f"sharded_parquet, {name}, warm"] = warm_run
-        runs[f"sharded_parquet, {name}, cold"] = cold
-    h5 = h5py.File(root / "feats.h5", "r")
-    flat = np.memmap(root / "flat.f32", dtype=np.float32, mode="r")
-
-    def h5py_read():
-        for u in order:
-            h5[u][()]
-
-    def memmap_read():
-        for u in order:
-            start, frames = offsets[u]
-            np.array(flat[start:start + frames * FEATURE_DIM]).reshape(frames, FEATURE_DIM)
-
-    def memmap_view():
-        for u in order:
-            start, frames = offsets[u]
-            flat[start:start + frames * FEATURE_DIM].reshape(frames, FEATURE_DIM)
-
     stores = {"numpy_memmap store, read-only view": open_feature_store(root / "numpy_memmap"),
               "numpy_memmap store, copy=True": open_feature_store(root / "numpy_memmap", copy=True),
               "hdf5 store": open_feature_store(root / "hdf5")}
     for store in stores.values():  # warm: index loaded, files open
         store.load(order[0])
+    h5 = h5py.File(root / "feats.h5", "r")
+    flat = np.memmap(root / "flat.f32", dtype=np.float32, mode="r")
 
-    def store_reader(store):
-        def read():
+    def make_runs(order: list[str]) -> dict:
+        """``{reader name: function loading every utterance of order}`` (warm readers opened now)."""
+        runs = {}
+        for name, split_root in layouts.items():
+            def cold(split_root=split_root):
+                cache = ShardedParquetFeatureCache(split_root)
+                for u in order:
+                    cache.load(u, HASH)
+                return cache
+
+            warm = cold()
+
+            def warm_run(warm=warm):
+                for u in order:
+                    warm.load(u, HASH)
+
+            runs[f"sharded_parquet, {name}, warm"] = warm_run
+            runs[f"sharded_parquet, {name}, cold"] = cold
+
+        def h5py_read():
             for u in order:
-                store.load(u)
-        return read
+                h5[u][()]
 
-    runs.update({"h5py (dataset per utterance)": h5py_read, "np.memmap (flat file)": memmap_read,
-                 "np.memmap (flat file), view, no copy": memmap_view,
-                 **{name: store_reader(store) for name, store in stores.items()}})
-    best = time_best(runs)
+        def memmap_read():
+            for u in order:
+                start, frames = offsets[u]
+                np.array(flat[start:start + frames * FEATURE_DIM]).reshape(frames, FEATURE_DIM)
+
+        def memmap_view():
+            for u in order:
+                start, frames = offsets[u]
+                flat[start:start + frames * FEATURE_DIM].reshape(frames, FEATURE_DIM)
+
+        def store_reader(store):
+            def read():
+                for u in order:
+                    store.load(u)
+            return read
+
+        runs.update({"h5py (dataset per utterance)": h5py_read, "np.memmap (flat file)": memmap_read,
+                     "np.memmap (flat file), view, no copy": memmap_view,
+                     **{name: store_reader(store) for name, store in stores.items()}})
+        return runs
+
+    sequential = list(arrays)[:len(order)]  # record order: what a non-shuffled epoch reads
+    best = time_best(make_runs(order))
+    best.update({f"{name}, sequential": seconds for name, seconds in time_best(make_runs(sequential)).items()})
     # the same cold read once more without the persisted shard indexes: every footer is parsed
     for split_root in layouts.values():
         for index in split_root.rglob(feature_cache.SHARD_INDEX_NAME):
             index.unlink()
     best.update({f"sharded_parquet, {name}, cold, footers": seconds for name, seconds in time_best(
-        {name: runs[f"sharded_parquet, {name}, cold"] for name in layouts}, rounds=1).items()})
+        {name: make_runs(order)[f"sharded_parquet, {name}, cold"] for name in layouts}, rounds=1).items()})
     h5.close()
     for store in stores.values():
         store.close()
@@ -281,13 +289,15 @@ def main() -> None:
         random.Random(1).shuffle(order)
         order = order[: args.loads]
         mb = sum(arrays[u].nbytes for u in order) / 1e6
-        best = random_loads(root, arrays, order, layouts)
+        best = timed_loads(root, arrays, order, layouts)
         print(f"\n{args.utterances} utterances, {total_mb:.0f} MB float32, in {args.shards} of 64 shards; "
-              f"{len(order)} random loads, best of 3\n")
-        print("| reader | loads/s | MB/s | vs h5py |\n|---|---:|---:|---:|")
+              f"{len(order)} loads, random (shuffled) and sequential (record order), best of 3\n")
+        print("| reader | loads/s | MB/s | vs h5py (same order) |\n|---|---:|---:|---:|")
+        sequential_mb = sum(arrays[u].nbytes for u in list(arrays)[:len(order)]) / 1e6
         for name, seconds in best.items():
-            print(f"| {name} | {len(order) / seconds:,.0f} | {mb / seconds:,.0f} | "
-                  f"{best['h5py (dataset per utterance)'] / seconds:.2f}x |")
+            anchor = "h5py (dataset per utterance)" + (", sequential" if name.endswith(", sequential") else "")
+            size = sequential_mb if name.endswith(", sequential") else mb
+            print(f"| {name} | {len(order) / seconds:,.0f} | {size / seconds:,.0f} | {best[anchor] / seconds:.2f}x |")
         view, copy = best["numpy_memmap store, read-only view"], best["numpy_memmap store, copy=True"]
         print(f"\nnumpy_memmap store vs bare np.memmap: copy={best['np.memmap (flat file)'] / copy:.2f}x, "
               f"view={best['np.memmap (flat file), view, no copy'] / view:.2f}x (goal >= 0.5x)")
