@@ -609,10 +609,29 @@ def _watch_main_process(lifeline) -> None:
     threading.Thread(target=watch, name="asr-assets-main-watch", daemon=True).start()
 
 
-def _worker_main(conn, lifeline, state: tuple) -> None:
+#: Environment variables a worker takes from the process that starts it, not from the fork server
+#: (which keeps the environment of its own start, possibly long ago in a long-lived process):
+#: object-store credentials and endpoints, fsspec configuration, our own settings.
+_ENVIRONMENT_PREFIXES = ("AWS_", "FSSPEC_", "ASR_ASSETS_", "GOOGLE_", "AZURE_", "HF_")
+
+
+def _environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(_ENVIRONMENT_PREFIXES)}
+
+
+def _apply_environment(environ: dict[str, str]) -> None:
+    for key in [k for k in os.environ if k.startswith(_ENVIRONMENT_PREFIXES) and k not in environ]:
+        del os.environ[key]
+    os.environ.update(environ)
+
+
+def _worker_main(conn, lifeline, state: tuple, environ: dict[str, str] | None = None) -> None:
     """A feature worker: ``("ready", pid)``, then for each ``(index, fn, args)`` received, runs
     ``fn(*args)`` and sends ``("ok", index, result)`` or ``("error", index, exception, traceback)``.
-    ``None`` or EOF ends it."""
+    ``None`` or EOF ends it. ``environ``: the starting process's variables of
+    :data:`_ENVIRONMENT_PREFIXES`, which replace the fork server's."""
+    if environ is not None:
+        _apply_environment(environ)
     parent = os.getppid()
     if _set_parent_death_signal(signal.SIGKILL) and os.getppid() != parent:
         os._exit(1)  # the fork server died before prctl took effect
@@ -654,7 +673,7 @@ class _Worker:
 
     def __init__(self, context, lifeline, state: tuple):
         self.conn, child = context.Pipe(duplex=True)
-        self.process = context.Process(target=_worker_main, args=(child, lifeline, state), daemon=True,
+        self.process = context.Process(target=_worker_main, args=(child, lifeline, state, _environment()), daemon=True,
                                        name="asr-assets-feature-worker")
         self.process.start()
         child.close()  # our copy: the worker's exit must read as EOF here

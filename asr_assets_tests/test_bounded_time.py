@@ -349,3 +349,35 @@ def test_time_limit_settings_reach_the_extractor(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (out / "reports" / "records-train.jsonl").read_text().splitlines()]
     assert [r["utterance_id"] for r in rows] == ["hang"]
     assert len(RecordStore(out / "record_cache" / "train.jsonl")) == len(GOOD)
+
+
+def _worker_environment(names: tuple[str, ...]) -> dict[str, str | None]:
+    """The values of ``names`` that a freshly spawned feature worker sees."""
+    from asr_assets import extraction
+    from asr_assets.audio import DecodeConfig
+
+    state = (LogMelFrontend("squeezeformer", SQUEEZEFORMER_CONFIG), DecodeConfig(), None, None)
+    with extraction._WorkerPool(state) as pool:
+        worker = pool.spawn()
+        assert pool.receive(worker)[0] == "ready"
+        worker.send(0, _read_environment, (names,))
+        message = pool.receive(worker)
+    assert message[0] == "ok", message
+    return message[2]
+
+
+def _read_environment(names):
+    return {name: os.environ.get(name) for name in names}
+
+
+def test_workers_take_the_callers_environment_not_the_fork_servers(monkeypatch):
+    # The fork server is started once per process and keeps the environment of that moment; an
+    # object-store endpoint, credentials or timeouts set later (a long-lived process, the next
+    # test) must still reach the workers, and variables unset since must be gone.
+    monkeypatch.setenv("ASR_ASSETS_IO_READ_TIMEOUT_S", "1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    names = ("ASR_ASSETS_IO_READ_TIMEOUT_S", "AWS_ENDPOINT_URL")
+    assert _worker_environment(names) == {"ASR_ASSETS_IO_READ_TIMEOUT_S": "1", "AWS_ENDPOINT_URL": "http://127.0.0.1:1"}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:2")
+    monkeypatch.delenv("ASR_ASSETS_IO_READ_TIMEOUT_S")
+    assert _worker_environment(names) == {"ASR_ASSETS_IO_READ_TIMEOUT_S": None, "AWS_ENDPOINT_URL": "http://127.0.0.1:2"}
