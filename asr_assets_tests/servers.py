@@ -23,7 +23,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+def _pg_bin_folders() -> tuple[Path, ...]:
+    """Debian's server binaries, newest major version first (``/usr/lib/postgresql/N/bin``)."""
+    found = [p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "initdb").exists()]
+    return tuple(sorted(found, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, reverse=True))
 
 
 def free_port() -> int:
@@ -151,7 +154,7 @@ class Postgres:
 
 @contextlib.contextmanager
 def postgres(timeout_s: float = 60.0):
-    """PostgreSQL 15 in a temp data dir (fsync off), TCP on 127.0.0.1 only, its unix socket in the
+    """PostgreSQL (Debian's, e.g. 15 under /usr/lib/postgresql/15/bin) in a temp data dir (fsync off), TCP on 127.0.0.1 only, its unix socket in the
     temp dir, database ``dagster`` owned by user ``dagster`` (trust auth). As root, ``initdb`` and
     the server run as the ``postgres`` OS user (``runuser``): initdb refuses root.
 
@@ -159,9 +162,10 @@ def postgres(timeout_s: float = 60.0):
         RuntimeError: a binary is missing ("apt-get install postgresql"), or the server did not
             come up within ``timeout_s`` (with its log tail).
     """
-    initdb = require_binary("initdb", "postgresql", (PG_BIN,))
-    server = require_binary("postgres", "postgresql", (PG_BIN,))
-    pg_ctl = require_binary("pg_ctl", "postgresql", (PG_BIN,))
+    folders = _pg_bin_folders()
+    initdb = require_binary("initdb", "postgresql", folders)
+    server = require_binary("postgres", "postgresql", folders)
+    pg_ctl = require_binary("pg_ctl", "postgresql", folders)
     root = Path(tempfile.mkdtemp(prefix="asr-pg-"))
     prefix: list[str] = []
     if os.geteuid() == 0:
