@@ -54,7 +54,7 @@ CELERY_CONFIG_SOURCE: dict[str, Any] = {
     "task_reject_on_worker_lost": True,
     "worker_prefetch_multiplier": 1,
     "broker_transport_options": {
-        "visibility_timeout": 7200,
+        "visibility_timeout": 21600,
         "unacked_restore_interval": 10,
         "unacked_restore_throttle": 1,
         "max_retries": 3,
