@@ -446,3 +446,76 @@ def test_celery_backfill_of_one_split_equals_a_local_run_and_survives_a_killed_w
     if os.environ.get("ASR_ASSETS_DISTRIBUTED_FIGURES"):
         Path(os.environ["ASR_ASSETS_DISTRIBUTED_FIGURES"]).write_text(json.dumps(figures, indent=2, sort_keys=True))
     assert celery_wall > 0 and audio_s > 300  # formats is 35 x 11 s of JFK
+
+
+# ----------------------------------------------------------------------------- executors (no servers)
+
+
+def test_executor_configs_and_reconstructable_jobs():
+    from asr_assets.defs.executors import (execution_run_config, executor_def, reconstruct_job, reconstructable_job,
+                                           settings_from_json, settings_to_json)
+    from asr_assets.errors import ConfigError
+    from asr_assets.settings import Settings
+
+    settings = Settings(manifests=("s3://b/m/cv", "/data/x"), output="s3://b/out", workers=3,
+                        frontend_overrides={"squeezeformer": {"n_mels": 64}}, record_options={"seed": 7})
+    assert settings_from_json(settings_to_json(settings)) == settings
+    assert execution_run_config("in_process") == {}
+    assert execution_run_config("multiprocess", max_concurrent=2) == {"execution": {"config": {"max_concurrent": 2}}}
+    assert executor_def("multiprocess").name == "multiprocess" and executor_def("celery").name == "celery"
+    with pytest.raises(ConfigError, match="unknown executor"):
+        executor_def("dask")
+    job = reconstruct_job(settings_to_json(settings), "features_job", "celery")
+    assert job.name == "features_job" and job.executor_def.name == "celery"
+    # the worker's job has the overridden frontend (64 mels) whatever its own environment says
+    import dagster as dg
+
+    key = dg.AssetKey("squeezeformer_features")
+    [features] = [a for a in job.asset_layer.asset_graph.assets_defs if key in a.keys]
+    assert features.code_versions_by_key[key].endswith(settings.frontend("squeezeformer").frontend_hash())
+    recon = reconstructable_job(settings, "features_job", "multiprocess")
+    assert recon.get_definition().name == "features_job"
+    assert recon.get_python_origin().get_id()  # serializable pointer for step processes / workers
+
+
+def test_celery_executor_without_broker_is_a_clear_error(test_data, tmp_path, capsys, monkeypatch):
+    from asr_assets.cli import main
+
+    monkeypatch.delenv("ASR_ASSETS_CELERY_BROKER", raising=False)
+    monkeypatch.delenv("ASR_ASSETS_CELERY_BACKEND", raising=False)
+    assert main(["materialize", "--manifests", str(test_data / "en_hf"), "--output", str(tmp_path / "o"),
+                 "--executor", "celery"]) == 2
+    assert "ASR_ASSETS_CELERY_BROKER and ASR_ASSETS_CELERY_BACKEND" in capsys.readouterr().err
+
+
+def test_multiprocess_executor_equals_in_process(test_data, tmp_path):
+    """``--executor multiprocess`` (a process per step, the job rebuilt from its settings)
+    writes the same record cache and features as the default in-process run."""
+    from asr_assets.feature_cache import ShardedParquetFeatureCache
+    from asr_assets.record_cache import RecordStore
+
+    outs = {}
+    for executor in ("in_process", "multiprocess"):
+        env = {**_base_env(tmp_path), "DAGSTER_HOME": str(tmp_path / f"home_{executor}")}
+        rc, _ = _materialize(["--manifests", str(test_data / "en_hf"), "--output", str(tmp_path / executor),
+                              "--workers", "1", "--executor", executor], env, tmp_path / f"{executor}.log")
+        assert rc == 0, (tmp_path / f"{executor}.log").read_text()[-3000:]
+        outs[executor] = tmp_path / executor
+    import dagster as dg
+
+    runs = dg.DagsterInstance.from_config(str(tmp_path / "home_multiprocess")).get_runs()
+    assert {r.tags.get("asr/executor") for r in runs} == {"multiprocess"} and len(runs) == 5
+    compared = 0
+    for split in ("train", "validation", "test"):
+        a = RecordStore(outs["in_process"] / "record_cache" / f"{split}.jsonl")
+        b = RecordStore(outs["multiprocess"] / "record_cache" / f"{split}.jsonl")
+        uids = [r["utterance_id"] for r in a]
+        assert [r["utterance_id"] for r in b] == uids
+        ca = ShardedParquetFeatureCache(outs["in_process"] / "feature-cache" / split)
+        cb = ShardedParquetFeatureCache(outs["multiprocess"] / "feature-cache" / split)
+        for x, y in zip(ca.load_many(uids), cb.load_many(uids)):
+            assert (x is None) == (y is None)
+            if x is not None:
+                np.testing.assert_array_equal(x, y)
+                compared += 1
+    assert compared == 11
