@@ -197,6 +197,10 @@ def materialize(settings: Settings, progress: bool | None = None, executor: str 
     defs = build_definitions(settings, executor=executor)
     if executor != "in_process":
         progress = False  # the utterances are featurized in other processes
+    if executor == "celery":  # dagster-celery registers its task again for every run of a process
+        from celery.exceptions import DuplicateTaskNameWarning
+
+        warnings.filterwarnings("ignore", category=DuplicateTaskNameWarning)
 
     def run(job_name: str, start: str, end: str, what: str, tags: dict[str, str]) -> bool:
         one = start == end  # a single partition: per-partition data version and check history
@@ -286,7 +290,7 @@ def _execute_job_run(settings_json: str, job_name: str, executor: str, partition
 
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
-    if executor == "celery":  # dagster-celery registers its task again for every run of this process
+    if executor == "celery":  # dagster-celery registers its task again for every run of a process
         from celery.exceptions import DuplicateTaskNameWarning
 
         warnings.filterwarnings("ignore", category=DuplicateTaskNameWarning)
