@@ -49,8 +49,15 @@ def build_graph(settings: Settings) -> Graph:
                  {"asr_config": AsrAssetsConfig.from_settings(settings)})
 
 
-def build_definitions(settings: Settings | None = None) -> dg.Definitions:
-    """Assets, checks, sensors and resources for ``settings`` (default: from the environment)."""
+def build_definitions(settings: Settings | None = None, executor: str = "in_process") -> dg.Definitions:
+    """Assets, checks, sensors and resources for ``settings`` (default: from the environment).
+
+    ``executor``: where the steps of every job run, one of
+    :data:`asr_assets.defs.executors.EXECUTORS` (``in_process``, ``multiprocess``, ``celery``;
+    ConfigError otherwise); configured per run by
+    :func:`asr_assets.defs.executors.execution_run_config`."""
+    from asr_assets.defs.executors import executor_def
+
     graph = build_graph(settings or Settings.from_env())
     return dg.Definitions(
         assets=[graph.manifests, graph.record_cache, *graph.feature_assets, graph.summary],
@@ -58,9 +65,9 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         jobs=list(graph.jobs),
         sensors=list(graph.sensors),
         resources=graph.resources,
-        # Steps run in the run's process: a feature step already fans out to its own worker
-        # pool, and a step subprocess cost seconds of start-up per step.
-        executor=dg.in_process_executor,
+        # By default steps run in the run's process: a feature step already fans out to its own
+        # worker pool, and a step subprocess cost seconds of start-up per step.
+        executor=executor_def(executor),
     )
 
 

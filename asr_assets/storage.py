@@ -524,6 +524,23 @@ class LockTimeout(TimeoutError):
     """A lease lock stayed held by another owner for longer than the caller would wait."""
 
 
+DEFAULT_LOCK_LEASE_S = 300.0
+
+
+def _env_seconds(var: str, default: float) -> float:
+    """``$var`` as a positive number of seconds, else ``default`` (ValueError names the variable)."""
+    raw = os.environ.get(var)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{var} must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"{var} must be > 0 seconds, got {raw!r}")
+    return value
+
+
 class ObjectLock:
     """A lease lock in one object (``<url>``), for writers on machines that share only the store.
 
@@ -539,7 +556,9 @@ class ObjectLock:
     * **release**: replace it with ``{"released": true}`` under ``If-Match`` (never a blind
       delete, which could remove a successor's lock).
 
-    A holder that dies leaves a lease that runs out after ``lease_s``; clocks of the machines are
+    ``lease_s`` defaults to ``$ASR_ASSETS_LOCK_LEASE_S`` or 300 s. A holder that dies (a
+    SIGKILLed Celery worker, a lost node) leaves a lease that runs out after ``lease_s``, so a
+    task redelivered to another worker waits at most that long; clocks of the machines are
     compared with the ``expires`` time, so they must agree to well within ``lease_s``. Where the
     store has no conditional writes this is not exclusive: use Dagster's concurrency limits.
 
@@ -547,7 +566,9 @@ class ObjectLock:
         LockTimeout: still held by a live owner after ``wait_s``.
     """
 
-    def __init__(self, url: str, *, lease_s: float = 300.0, wait_s: float = 3600.0, poll_s: float = 1.0):
+    def __init__(self, url: str, *, lease_s: float | None = None, wait_s: float = 3600.0, poll_s: float = 1.0):
+        if lease_s is None:
+            lease_s = _env_seconds("ASR_ASSETS_LOCK_LEASE_S", DEFAULT_LOCK_LEASE_S)
         self.url, self.lease_s, self.wait_s, self.poll_s = url, lease_s, wait_s, poll_s
         self.owner = f"{writer_id()}_{uuid.uuid4().hex[:12]}"
         self.etag: str | None = None

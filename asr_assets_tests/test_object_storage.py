@@ -7,9 +7,7 @@ key with a local run."""
 from __future__ import annotations
 
 import collections
-import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -19,53 +17,20 @@ import numpy as np
 import pytest
 
 pytest.importorskip("s3fs", reason="the s3 extra (pip install 'asr_assets[s3]') is needed for these tests")
-moto_server = pytest.importorskip("moto.server", reason="moto[server] (the test extra) is needed for these tests")
+pytest.importorskip("moto.server", reason="moto[server] (the test extra) is needed for these tests")
 
 from asr_assets import storage  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class _RequestCounter(logging.Handler):
-    """Counts the S3 requests the server logs (werkzeug's access log: ``"GET /b/k?... HTTP/1.1" 200``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.requests: list[tuple[str, str, int]] = []
-
-    def emit(self, record):
-        try:
-            method, target = re.sub(r"\x1b\[[0-9;]*m", "", str(record.args[0])).split(" ")[:2]
-            self.requests.append((method, target, int(record.args[1])))
-        except (IndexError, ValueError, AttributeError, TypeError):
-            pass
-
-    def count(self, method: str | None = None, contains: str = "") -> int:
-        time.sleep(0.05)  # the server logs a request after answering it
-        return sum(1 for m, t, _ in self.requests if (method is None or m == method) and contains in t)
+from .servers import moto_s3  # noqa: E402 - the moto server, shared with test_distributed
 
 
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1 (free port) for the whole session; yields its endpoint and
-    the request counter."""
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    counter = _RequestCounter()
-    werkzeug = logging.getLogger("werkzeug")
-    werkzeug.addHandler(counter)
-    werkzeug.setLevel(logging.INFO)
-    werkzeug.propagate = False
-    try:
-        yield f"http://127.0.0.1:{port}", counter
-    finally:
-        werkzeug.removeHandler(counter)
-        server.stop()
+    the request counter (``servers.moto_s3``, also used by ``test_distributed``)."""
+    with moto_s3() as (endpoint, counter):
+        yield endpoint, counter
 
 
 @pytest.fixture

@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
         configure(verbosity=args.verbose or 0)
         if args.command == "materialize":
-            return materialize(_settings(args), progress=args.progress)
+            return materialize(_settings(args), progress=args.progress, executor=args.executor,
+                               concurrent_runs=args.concurrent_runs)
         run = {"frontends": frontends, "compact": compact, "export": export, "record-cache": record_cache,
                "build-record-cache": record_cache, "warm": warm}[args.command]
         return run(args)

@@ -6,6 +6,15 @@ every enabled frontend, then one ``split_summary`` run over the splits that chan
 lineage and metadata then show in ``dagster dev``. The Dagster run log goes to stdout; stderr
 carries problems and, in a terminal (or with ``--progress``), a tqdm bar over the utterances
 being featurized (rate and ETA).
+
+``--executor`` chooses where the steps run (:mod:`asr_assets.defs.executors`): ``in_process``
+(default, today's behaviour: ``execute_in_process`` in this process), ``multiprocess`` (a step
+subprocess per step) or ``celery`` (each step a Celery task on ``dagster-celery`` workers). With
+``celery`` the feature runs are one run per shard partition (``NN|split``), up to
+``--concurrent-runs`` orchestrated at once by processes spawned here, so the shards of a split spread
+over all workers; it needs a shared instance (``DAGSTER_HOME`` with
+``deploy/dagster-postgres.yaml``), a shared output (``s3://`` or one shared file system) and
+``ASR_ASSETS_CELERY_BROKER`` / ``ASR_ASSETS_CELERY_BACKEND``.
 """
 
 from __future__ import annotations
@@ -52,6 +61,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                      help="wall-clock floor per utterance (decode + features); a worker past its limit, "
                           "max(SECONDS, 10 s per audio second), is killed and the utterance reported as "
                           "'timeout' (default: $ASR_ASSETS_UTTERANCE_TIMEOUT_S or 60)")
+    mat.add_argument("--executor", choices=("in_process", "multiprocess", "celery"), default="in_process",
+                     help="where steps run: in this process (default), one subprocess per step, or as Celery tasks "
+                          "on dagster-celery workers (one run per feature shard; needs a Postgres DAGSTER_HOME, "
+                          "a shared output and $ASR_ASSETS_CELERY_BROKER / $ASR_ASSETS_CELERY_BACKEND)")
+    mat.add_argument("--concurrent-runs", type=_common.workers, default=None, metavar="N",
+                     help="with --executor celery: feature runs (one per shard) orchestrated at once "
+                          "(default: 4; at least the number of workers, so none idles)")
     mat.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="show a progress bar over the utterances being featurized (rate, ETA) on stderr "
                           "(default: only when stderr is a terminal)")
@@ -99,14 +115,27 @@ def _manifest_files(settings: Settings) -> list[str]:
     return files
 
 
-def materialize(settings: Settings, progress: bool | None = None) -> int:
+DEFAULT_CONCURRENT_RUNS = 4
+
+
+def materialize(settings: Settings, progress: bool | None = None, executor: str = "in_process",
+                concurrent_runs: int | None = None) -> int:
     """Run the whole graph; returns the process exit status.
 
     The Dagster run log goes to stdout; stderr carries problems and the feature progress bar
-    (``progress``: True always, False never, None when stderr is a terminal).
+    (``progress``: True always, False never, None when stderr is a terminal; in-process only:
+    elsewhere the utterances are featurized in other processes).
+
+    ``executor``: ``in_process`` runs each job with ``execute_in_process``; ``multiprocess`` and
+    ``celery`` with ``dagster.execute_job`` on a reconstructable job
+    (:func:`asr_assets.defs.executors.reconstructable_job`). With ``celery`` every feature shard
+    partition is its own run, ``concurrent_runs`` (default 4) of them orchestrated at once by
+    spawned processes (each waits on its Celery tasks; the work is on the workers).
 
     Raises:
-        ConfigError: ``DAGSTER_HOME`` cannot be used.
+        ConfigError: ``DAGSTER_HOME`` cannot be used; ``celery`` without
+            ``ASR_ASSETS_CELERY_BROKER``/``ASR_ASSETS_CELERY_BACKEND`` or with an ephemeral
+            instance. (A local output path is allowed: it must then be one shared file system.)
         ManifestError: the manifests give no record in any split (nothing to featurize); the
             message names the manifest files read and the reports with the reasons.
     """
@@ -155,27 +184,72 @@ def materialize(settings: Settings, progress: bool | None = None) -> int:
     from ..defs.jobs import FEATURES_JOB, RECORD_CACHE_JOB, SUMMARY_JOB, run_tags
     from ..defs.partitions import feature_partition_key
 
+    from ..defs.executors import execution_run_config, reconstructable_job
+    from ..errors import ConfigError
+
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
     instance = _common.dagster_instance()
-    defs = build_definitions(settings)
+    execution = execution_run_config(executor)  # raises ConfigError for celery without broker/backend
+    if executor == "celery" and instance.is_ephemeral:
+        raise ConfigError("--executor celery needs a persistent Dagster instance shared with the workers "
+                          "(DAGSTER_HOME with deploy/dagster-postgres.yaml)")
+    defs = build_definitions(settings, executor=executor)
+    if executor != "in_process":
+        progress = False  # the utterances are featurized in other processes
+    if executor == "celery":  # dagster-celery registers its task again for every run of a process
+        from celery.exceptions import DuplicateTaskNameWarning
+
+        warnings.filterwarnings("ignore", category=DuplicateTaskNameWarning)
 
     def run(job_name: str, start: str, end: str, what: str, tags: dict[str, str]) -> bool:
         one = start == end  # a single partition: per-partition data version and check history
-        tags = {"asr/cli": "materialize", **tags}
+        tags = {"asr/cli": "materialize", "asr/executor": executor, **tags}
         if not one:
             tags.update({"dagster/asset_partition_range_start": start, "dagster/asset_partition_range_end": end})
-        job = defs.resolve_job_def(job_name)  # a named job, so the Runs page says what ran
-        with contextlib.redirect_stderr(sys.stdout):  # Dagster's console log is progress, not a problem
-            result = job.execute_in_process(
-                instance=instance, raise_on_error=False, run_config=_QUIET_LOGS,
-                partition_key=start if one else None, tags=tags,
-            )
+        if executor == "in_process":
+            job = defs.resolve_job_def(job_name)  # a named job, so the Runs page says what ran
+            with contextlib.redirect_stderr(sys.stdout):  # Dagster's console log is progress, not a problem
+                result = job.execute_in_process(
+                    instance=instance, raise_on_error=False, run_config=_QUIET_LOGS,
+                    partition_key=start if one else None, tags=tags,
+                )
+        else:
+            if one:
+                tags["dagster/partition"] = start
+            with contextlib.redirect_stderr(sys.stdout):
+                result = dg.execute_job(reconstructable_job(settings, job_name, executor), instance=instance,
+                                        run_config={**_QUIET_LOGS, **execution}, tags=tags, raise_on_error=False)
         sys.stdout.flush()
         if not result.success:
             print(f"asr-assets: run {result.run_id} ({what}) FAILED; see its log on stdout or in `dagster dev`",
                   file=sys.stderr)
         return result.success
+
+    def feature_runs(busy: dict[str, list[int]], assets: str) -> bool:
+        """Celery: one run per shard partition, ``concurrent_runs`` at once, each orchestrated by
+        a process of a spawn pool (Dagster's run setup reconfigures ``logging`` and deadlocks when
+        runs share a process on threads)."""
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        from ..defs.executors import settings_to_json
+
+        jobs = [(feature_partition_key(split, shard), split, shard) for split in SPLITS for shard in busy.get(split, [])]
+        text = settings_to_json(settings)
+        workers = min(len(jobs), concurrent_runs or DEFAULT_CONCURRENT_RUNS)
+        sys.stdout.flush()
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_execute_job_run, text, FEATURES_JOB, executor, key,
+                                   {"asr/cli": "materialize", "asr/executor": executor,
+                                    **run_tags(assets, split, shards=f"{shard:02d}")})
+                       for key, split, shard in jobs]
+            results = [f.result() for f in futures]
+        for (key, _, _), (success, run_id) in zip(jobs, results):
+            if not success:
+                print(f"asr-assets: run {run_id} (features {key}) FAILED; see its log on stdout or in `dagster dev`",
+                      file=sys.stderr)
+        return all(success for success, _ in results)
 
     ok = all([run(RECORD_CACHE_JOB, split, split, f"record_cache[{split}]", run_tags("record_cache", split))
               for split in stale])
@@ -187,7 +261,9 @@ def materialize(settings: Settings, progress: bool | None = None) -> int:
             busy = shards_with_work()
         assets = ",".join(feature_asset_name(name) for name in settings.frontends)
         with progress_bars(enabled=progress, file=stderr):  # the real stderr, not the redirected one
-            if busy:  # one run for every split: keys are shard-major ("07|train", "07|validation", ...)
+            if busy and executor == "celery":  # one run per shard partition, spread over the workers
+                ok = feature_runs(busy, assets) and ok
+            elif busy:  # one run for every split: keys are shard-major ("07|train", "07|validation", ...)
                 lo, hi = min(s[0] for s in busy.values()), max(s[-1] for s in busy.values())
                 splits = [split for split in SPLITS if split in busy]
                 ok = run(FEATURES_JOB, feature_partition_key(splits[0], lo), feature_partition_key(splits[-1], hi),
@@ -199,6 +275,31 @@ def materialize(settings: Settings, progress: bool | None = None) -> int:
                      run_tags("split_summary", ",".join(changed))) and ok
     _print_summary(settings)
     return 0 if ok else 1
+
+
+def _execute_job_run(settings_json: str, job_name: str, executor: str, partition_key: str,
+                     tags: dict[str, str]) -> tuple[bool, str]:
+    """One single-partition run of ``job_name`` with ``dagster.execute_job`` on the instance of
+    ``DAGSTER_HOME``, in a pool process of :func:`materialize`; returns ``(success, run_id)``."""
+    import contextlib
+    import warnings
+
+    import dagster as dg
+
+    from ..defs.executors import execution_run_config, reconstructable_job, settings_from_json
+
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+    if executor == "celery":  # dagster-celery registers its task again for every run of a process
+        from celery.exceptions import DuplicateTaskNameWarning
+
+        warnings.filterwarnings("ignore", category=DuplicateTaskNameWarning)
+    with dg.DagsterInstance.get() as instance, contextlib.redirect_stderr(sys.stdout):
+        result = dg.execute_job(reconstructable_job(settings_from_json(settings_json), job_name, executor),
+                                instance=instance, run_config={**_QUIET_LOGS, **execution_run_config(executor)},
+                                tags={**tags, "dagster/partition": partition_key}, raise_on_error=False)
+    sys.stdout.flush()
+    return result.success, result.run_id
 
 
 def _no_records_message(settings: Settings) -> str:

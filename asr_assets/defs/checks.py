@@ -21,7 +21,7 @@ import dagster as dg
 from asr_assets.extraction import plan_shard_tasks
 from asr_assets.frontends import Frontend
 from asr_assets.pipeline import verify_feature_shard
-from asr_assets.record_cache import RecordStore, record_store_is_valid
+from asr_assets.record_cache import RecordStore, read_commit, record_store_is_valid
 from asr_assets.storage import basename, is_url, list_files
 
 from .assets import record_cache
@@ -67,7 +67,12 @@ def record_cache_consistent(context: dg.AssetCheckExecutionContext, asr_config: 
         if not remote and not path.exists():
             problems.append(f"{split}: {path} missing")
             continue
-        if (remote or path.stat().st_size) and not record_store_is_valid(path):
+        # an empty split is valid as an empty JSONL (local) or a commit naming one (object store),
+        # which the upstream reuse rule (non-empty JSONL) does not cover
+        commit = read_commit(str(path)) if remote else None
+        empty = (commit is not None and commit.get("jsonl", {}).get("size") == 0) if remote \
+            else path.stat().st_size == 0
+        if not empty and not record_store_is_valid(path):
             problems.append(f"{split}: no commit object or sidecar sizes disagree with the offsets" if remote
                             else f"{split}: sidecar sizes disagree with the offsets")
             continue
