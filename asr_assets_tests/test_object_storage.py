@@ -465,10 +465,11 @@ def test_materialize_from_s3_manifests_to_an_s3_cache_equals_a_local_run(s3, tes
     capsys.readouterr()
     requests_before = len(counter.requests)
     assert cli_main(["materialize", *remote_args, "--output", out, "--workers", "2"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err  # a failed run is announced on stderr
     requests = counter.requests[requests_before:]
     part_puts = [t for m, t, _ in requests if m == "PUT" and "/part_" in t]
-    assert "FAILED" not in printed
+    assert "FAILED" not in printed and "STEP_FAILURE" not in printed
     keys_seen = 0
     for split in SPLITS:
         local_store = RecordStore(tmp_path / "local" / "record_cache" / f"{split}.jsonl")
