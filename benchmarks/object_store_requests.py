@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import logging
 import os
-import re
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -36,27 +33,6 @@ KINDS = ("/part_", ".lock-", ".asr_assets_index", "_audio_blobs/", ".commit.json
          "inputs.json", "probed_durations", "build.lock", ".stats-", "/manifests/")
 
 
-class RequestLog(logging.Handler):
-    """``(method, target)`` of every request moto's werkzeug server logs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests: list[tuple[str, str]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not record.args:
-            return
-        words = re.sub(r"\x1b\[[0-9;]*m", "", str(record.args[0])).split(" ")
-        if len(words) >= 2:
-            self.requests.append((words[0], words[1]))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def kind(method: str, target: str) -> str:
     """``"PUT /part_"``, ``"LIST out"`` ...: what one request was for."""
     path = target.split("?")[0]
@@ -68,7 +44,9 @@ def kind(method: str, target: str) -> str:
     return f"{method} other"
 
 
-def materialize(workers: int, log: RequestLog) -> tuple[collections.Counter, float]:
+def materialize(workers: int, log) -> tuple[collections.Counter, float]:
+    """Requests by :func:`kind` and wall seconds of one ``asr-assets materialize``; ``log`` is
+    the server's :class:`asr_assets_tests.servers.RequestCounter`."""
     from asr_assets.cli import main
 
     log.requests.clear()
@@ -78,7 +56,7 @@ def materialize(workers: int, log: RequestLog) -> tuple[collections.Counter, flo
         raise SystemExit("materialize failed")
     wall = time.perf_counter() - start
     time.sleep(0.3)  # the server logs a request after answering it
-    return collections.Counter(kind(m, t) for m, t in log.requests), wall
+    return collections.Counter(kind(m, t) for m, t, _ in log.requests), wall
 
 
 def print_counts(title: str, counts: collections.Counter, wall: float) -> None:
@@ -95,44 +73,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    from moto.server import ThreadedMotoServer
+    from asr_assets_tests.servers import moto_s3, s3_env
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    log = RequestLog()
-    werkzeug = logging.getLogger("werkzeug")
-    werkzeug.addHandler(log)
-    werkzeug.setLevel(logging.INFO)
-    werkzeug.propagate = False
     work = Path(tempfile.mkdtemp(prefix="asr_assets_requests_"))
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                      DAGSTER_HOME=str(work / "dagster_home"), ASR_ASSETS_CACHE_DIR=str(work / "content-cache"))
-    try:
-        from asr_assets import storage
-        from asr_assets.record_cache import RecordStore
+    with moto_s3() as (endpoint, log):
+        os.environ.update(s3_env(endpoint), DAGSTER_HOME=str(work / "dagster_home"),
+                          ASR_ASSETS_CACHE_DIR=str(work / "content-cache"))
+        try:
+            run(args.workers, log)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
-        fs, _ = storage.filesystem(BUCKET)
-        fs.mkdir(BUCKET.split("://")[1])
-        data = ROOT / "asr_assets_tests" / "data"
-        for name in SOURCES:
-            for path in sorted((data / name).rglob("*")):
-                if path.is_file():
-                    storage.put(f"{BUCKET}/manifests/{name}/{path.relative_to(data / name).as_posix()}",
-                                path.read_bytes())
-        counts, wall = materialize(args.workers, log)
-        stores = [RecordStore(f"{BUCKET}/out/record_cache/{split}.jsonl") for split in ("train", "validation", "test")]
-        records = sum(len(s) for s in stores)
-        hours = sum(float(s.sidecars["num_samples"].sum()) for s in stores) / 16000 / 3600
-        print_counts("first run", counts, wall)
-        print(f"  {records} records, {hours * 3600:.1f} s of audio: {sum(counts.values()) / hours:,.0f} requests "
-              "per hour of audio at this corpus's shard count (LIST and lock requests grow with shards, not hours)")
-        counts, wall = materialize(args.workers, log)
-        print_counts("no-op re-run", counts, wall)
-    finally:
-        server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+
+def run(workers: int, log) -> None:
+    """Upload the manifests, materialize twice, print the counts."""
+    from asr_assets import storage
+    from asr_assets.record_cache import RecordStore
+
+    fs, _ = storage.filesystem(BUCKET)
+    fs.mkdir(BUCKET.split("://")[1])
+    data = ROOT / "asr_assets_tests" / "data"
+    for name in SOURCES:
+        for path in sorted((data / name).rglob("*")):
+            if path.is_file():
+                storage.put(f"{BUCKET}/manifests/{name}/{path.relative_to(data / name).as_posix()}",
+                            path.read_bytes())
+    counts, wall = materialize(workers, log)
+    stores = [RecordStore(f"{BUCKET}/out/record_cache/{split}.jsonl") for split in ("train", "validation", "test")]
+    records = sum(len(s) for s in stores)
+    hours = sum(float(s.sidecars["num_samples"].sum()) for s in stores) / 16000 / 3600
+    print_counts("first run", counts, wall)
+    print(f"  {records} records, {hours * 3600:.1f} s of audio: {sum(counts.values()) / hours:,.0f} requests "
+          "per hour of audio at this corpus's shard count (LIST and lock requests grow with shards, not hours)")
+    counts, wall = materialize(workers, log)
+    print_counts("no-op re-run", counts, wall)
 
 
 if __name__ == "__main__":
