@@ -51,3 +51,16 @@ def no_subprocess(monkeypatch):
         raise AssertionError(f"subprocess spawned: {args!r}")
 
     monkeypatch.setattr(subprocess, "Popen", refuse)
+
+
+def rows_per_key(root: Path) -> "collections.Counter[str]":
+    """How many rows (payloads and tombstones) every key has across the ``part_*.parquet`` files
+    below ``root``: 1 everywhere means every key was written once."""
+    import collections
+
+    import pyarrow.parquet as pq
+
+    counts: collections.Counter = collections.Counter()
+    for part in sorted(root.rglob("part_*.parquet")):
+        counts.update(pq.read_table(part, columns=["key"]).column("key").to_pylist())
+    return counts

@@ -31,6 +31,7 @@ import pytest
 import yaml
 
 from . import servers
+from .conftest import rows_per_key
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 420  # one materialize subprocess, hard limit
@@ -87,15 +88,6 @@ def _instance(home: Path, pg_env: dict[str, str], monkeypatch):
     for k, v in pg_env.items():
         monkeypatch.setenv(k, v)
     return dg.DagsterInstance.from_config(str(home))
-
-
-def _all_parts_rows(root: Path) -> collections.Counter:
-    import pyarrow.parquet as pq
-
-    counts: collections.Counter = collections.Counter()
-    for part in sorted(root.rglob("part_*.parquet")):
-        counts.update(pq.read_table(part, columns=["key"]).column("key").to_pylist())
-    return counts
 
 
 # ----------------------------------------------------------------------------- Postgres
@@ -261,7 +253,7 @@ def _compare_train(local_out: Path, remote_out: str, tmp: Path) -> dict:
     if tmp.exists():
         shutil.rmtree(tmp)
     storage.download_tree(f"{remote_out}/feature-cache/train", tmp)
-    rows = _all_parts_rows(tmp)
+    rows = rows_per_key(tmp)
     return {"keys": present, "shards_with_keys": shards_with_keys, "rows_per_key": rows}
 
 

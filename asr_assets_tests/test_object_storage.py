@@ -6,7 +6,6 @@ key with a local run."""
 
 from __future__ import annotations
 
-import collections
 import os
 import socket
 import threading
@@ -22,6 +21,7 @@ pytest.importorskip("moto.server", reason="moto[server] (the test extra) is need
 from asr_assets import storage  # noqa: E402
 
 
+from .conftest import rows_per_key  # noqa: E402
 from .servers import moto_s3  # noqa: E402 - the moto server, shared with test_distributed
 
 
@@ -427,15 +427,6 @@ def test_record_cache_on_s3_is_visible_only_through_its_commit_object(s3, test_d
 # ----------------------------------------------------------------------------- end to end
 
 
-def _all_parts_rows(root: Path) -> collections.Counter:
-    import pyarrow.parquet as pq
-
-    counts: collections.Counter = collections.Counter()
-    for part in sorted(root.rglob("part_*.parquet")):
-        counts.update(pq.read_table(part, columns=["key"]).column("key").to_pylist())
-    return counts
-
-
 def test_materialize_from_s3_manifests_to_an_s3_cache_equals_a_local_run(s3, test_data, tmp_path, capsys):
     import shutil
 
@@ -497,7 +488,7 @@ def test_materialize_from_s3_manifests_to_an_s3_cache_equals_a_local_run(s3, tes
             if want is not None:
                 np.testing.assert_array_equal(got, want)
                 np.testing.assert_array_equal(direct, want)
-        written = _all_parts_rows(copy)
+        written = rows_per_key(copy)
         assert all(n == 1 for n in written.values())  # every key written once
         keys_seen += len(written)
         # reports went to the output URL too, with the same rows
@@ -568,7 +559,7 @@ def test_two_concurrent_writers_of_the_same_shards_cannot_both_win(s3, test_data
     assert first["start"] < second["end"] and second["start"] < first["end"]  # they did run at the same time
     copy = tmp_path / "copy"
     storage.download_tree(f"{out}/feature-cache/train", copy)
-    written = _all_parts_rows(copy)
+    written = rows_per_key(copy)
     assert all(n == 1 for n in written.values()), [k for k, n in written.items() if n > 1]
     computed = sorted(r["computed"] for r in results)
     assert computed[0] == 0 and computed[1] == len(written)  # one winner computed each key, once
