@@ -206,6 +206,10 @@ class RecordCacheWriter:
     store's lock (``<split>.jsonl.lock``) is held from construction to :meth:`close` /
     :meth:`abort`.
 
+    On an object store (``jsonl_path`` a URL) the store is written in a local staging folder and
+    :meth:`close` publishes it as :func:`write_record_cache` does there (blobs, version files,
+    then the commit object; see the module docstring); :meth:`abort` publishes nothing.
+
     Args:
         jsonl_path: e.g. ``<output>/record_cache/train.jsonl``; the folder is created.
     """
