@@ -303,9 +303,7 @@ def _write_part(directory: Path, table: pa.Table, mtime_ns: int | None = None, p
         if mtime_ns is not None:
             raise ValueError("an object store sets modification times itself: parts there cannot be back-dated")
         storage.check_lock(str(directory))
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, **PART_WRITE_OPTIONS)
-        data = sink.getvalue().to_pybytes()
+        data = storage.parquet_bytes(table, **PART_WRITE_OPTIONS)
         for _ in range(5):
             url = storage.join(str(directory), f"{prefix}{time.time_ns()}_{storage.writer_id()}_{_part_counter:06d}.parquet")
             try:
@@ -558,7 +556,7 @@ def read_shard_index(directory: Path) -> dict[_Signature, PartIndex]:
     ({} when missing or unreadable)."""
     try:
         if storage.is_url(directory):
-            table = pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(str(directory), SHARD_INDEX_NAME))))
+            table = storage.read_table(storage.join(str(directory), SHARD_INDEX_NAME))
         else:
             table = pq.read_table(directory / SHARD_INDEX_NAME)
         if not table.schema.equals(_INDEX_SCHEMA):
@@ -605,9 +603,7 @@ def update_shard_index(split_root: str | os.PathLike, shard: int) -> Path | None
                 rows["length"].extend(s for _, s in spans)
             if remote:
                 target = storage.join(directory, SHARD_INDEX_NAME)
-                sink = pa.BufferOutputStream()
-                pq.write_table(pa.table(rows, schema=_INDEX_SCHEMA), sink, compression="zstd")
-                storage.put(target, sink.getvalue().to_pybytes())
+                storage.put(target, storage.parquet_bytes(pa.table(rows, schema=_INDEX_SCHEMA), compression="zstd"))
                 return target
             target = directory / SHARD_INDEX_NAME
             tmp = directory / f"{SHARD_INDEX_NAME}{tmp_suffix()}"

@@ -96,8 +96,7 @@ class DurationProbe:
         self.remote = storage.is_url(path)
         if self.remote or path.exists():
             try:
-                source = pa.BufferReader(storage.read_bytes(str(path))) if self.remote else path
-                table = pq.read_table(source).to_pydict()
+                table = (storage.read_table(str(path)) if self.remote else pq.read_table(path)).to_pydict()
                 self.known = dict(zip(zip(table["path"], table["size"], table["mtime_ns"]), table["duration_s"]))
             except (pa.ArrowException, KeyError, OSError):
                 self.known = {}  # a damaged cache is only a cache
@@ -202,9 +201,7 @@ class DurationProbe:
         table = pa.table({"path": list(paths), "size": list(sizes), "mtime_ns": list(mtimes),
                           "duration_s": list(self.known.values())})
         if self.remote:
-            sink = pa.BufferOutputStream()
-            pq.write_table(table, sink)
-            storage.put(str(self.path), sink.getvalue().to_pybytes())
+            storage.put(str(self.path), storage.parquet_bytes(table))
             return
         tmp = tmp_path_for(self.path)
         pq.write_table(table, tmp)
@@ -685,6 +682,14 @@ def record_cache_is_up_to_date(settings: Settings, split: str) -> bool:
     return _up_to_date(settings, split, record_cache_inputs(settings, split)) is not None
 
 
+def listed_failure_reports(settings: Settings, frontend_name: str, split: str) -> set[str] | None:
+    """File names of the shard failure reports of ``frontend_name`` in ``split`` when they are on
+    an object store, from one listing (not a request per shard); None for a local output (look at
+    each file)."""
+    folder = settings.features_report_path(frontend_name, split, 0).parent
+    return {f.name for f in storage.list_files(str(folder))} if storage.is_url(folder) else None
+
+
 def reported_failures(settings: Settings, frontend_name: str, split: str, shard: int) -> set[str]:
     """Utterance ids in a shard's failure report (written by :func:`build_feature_shards`)."""
     report = settings.features_report_path(frontend_name, split, shard)
@@ -715,13 +720,10 @@ def feature_shards_with_work(settings: Settings, frontend: str | Frontend, split
     elif not path.is_file() or (path.stat().st_size and not record_store_is_valid(path)):
         return []
     failed: set[str] = set()
-    shards: Iterable[int] = range(settings.num_shards)
-    if storage.is_url(path):  # one listing instead of a request per shard
-        folder = str(settings.features_report_path(fe.name, split, 0).parent)
-        listed = {f.name for f in storage.list_files(folder)}
-        shards = [s for s in shards if f"shard_{s:02d}.jsonl" in listed]
-    for shard in shards:
-        failed |= reported_failures(settings, fe.name, split, shard)
+    listed = listed_failure_reports(settings, fe.name, split)
+    for shard in range(settings.num_shards):
+        if listed is None or settings.features_report_path(fe.name, split, shard).name in listed:
+            failed |= reported_failures(settings, fe.name, split, shard)
     return shards_with_work(RecordStore(path), settings.feature_split_root(split), fe,
                             settings.num_shards, failed)
 
@@ -821,10 +823,7 @@ def build_feature_shards(
     run = {"run": uuid.uuid4().hex[:16], "finished_at": round(time.time(), 3),
            "wall_seconds": round(time.perf_counter() - start, 3),
            "audio_seconds": round(sum(s.audio_seconds for s in stats.values()), 3)}
-    reports = None  # object store: the reports there, from one listing (no request per shard)
-    if storage.is_url(settings.output_path):
-        folder = str(settings.features_report_path(frontend_name, split, 0).parent)
-        reports = {f.name for f in storage.list_files(folder)}
+    reports = listed_failure_reports(settings, frontend_name, split)
     for shard, shard_stats in stats.items():
         report = settings.features_report_path(frontend_name, split, shard)
         if shard_stats.failures:

@@ -249,6 +249,29 @@ def read_ranges(urls: Sequence[str], starts: Sequence[int], ends: Sequence[int])
     return out
 
 
+def parquet_bytes(table, **options) -> bytes:
+    """``table`` (a ``pyarrow.Table``) as the bytes of a Parquet file, written with ``options``
+    of ``pyarrow.parquet.write_table``: what one PUT uploads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **options)
+    return sink.getvalue().to_pybytes()
+
+
+def read_table(url: str):
+    """The Parquet object at ``url`` as a ``pyarrow.Table`` (one GET).
+
+    Raises:
+        FileNotFoundError: no such object; ``pyarrow.ArrowException``: not Parquet.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pq.read_table(pa.BufferReader(read_bytes(url)))
+
+
 def put(url: str, data: bytes) -> None:
     """Write ``data`` to ``url`` in one PUT, replacing what is there (last writer wins; readers
     see the old or the new object, never a mix)."""

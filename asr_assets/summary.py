@@ -42,7 +42,7 @@ import numpy as np
 from . import storage
 from .feature_cache import ShardedParquetFeatureCache, cache_key, shard_dir, shard_index
 from .frontends import Frontend
-from .pipeline import read_shard_stats
+from .pipeline import listed_failure_reports, read_shard_stats
 from .record_cache import RecordStore
 from .settings import Settings
 
@@ -185,9 +185,7 @@ def _summarize_features(settings: Settings, split: str, frontend: Frontend, ids:
     runs: dict[str, tuple[float, float]] = {}
     total = np.zeros(frontend.feature_dim)
     total_sq = np.zeros(frontend.feature_dim)
-    reports = None  # object store: the failure reports there, from one listing (not a request per shard)
-    if storage.is_url(split_root):
-        reports = {f.name for f in storage.list_files(str(settings.features_report_path(frontend.name, split, 0).parent))}
+    reports = listed_failure_reports(settings, frontend.name, split)
     for shard in range(settings.num_shards):
         report = settings.features_report_path(frontend.name, split, shard)
         if reports is None or report.name in reports:
