@@ -224,7 +224,34 @@ def dagster_instance():
 
     home = dagster_home()
     with file_lock(Path(home) / _INIT_LOCK):
-        return dg.DagsterInstance.get()
+        return _instance_with_batched_events(home) or dg.DagsterInstance.get()
+
+
+_STORAGE_KEYS = ("storage", "run_storage", "event_log_storage", "schedule_storage")
+
+
+def _instance_with_batched_events(home: str):
+    """The instance of ``home`` with :class:`asr_assets.defs.event_storage.BatchedSqliteEventLogStorage`
+    as its event log, when its ``dagster.yaml`` leaves storage at the local SQLite default
+    (else None: a configured storage, PostgreSQL say, is used as configured). Same files and
+    tables as the default, so ``dagster dev`` reads them. Also sets ``DAGSTER_EVENT_BATCH_SIZE``
+    when unset, which makes Dagster hand range-run events over in batches (to any storage)."""
+    import dagster as dg
+    import yaml
+    from dagster._core.instance.config import dagster_instance_config
+    from dagster._core.instance.ref import InstanceRef
+
+    from ..defs import event_storage
+
+    os.environ.setdefault("DAGSTER_EVENT_BATCH_SIZE", str(event_storage.DEFAULT_EVENT_BATCH_SIZE))
+    config, custom_class = dagster_instance_config(home)
+    if custom_class is not None or any(config.get(key) for key in _STORAGE_KEYS):
+        return None
+    default = InstanceRef.config_defaults(home)["event_log_storage"]
+    ref = InstanceRef.from_dir(home, overrides={"event_log_storage": {
+        "module": event_storage.MODULE, "class": event_storage.CLASS,
+        "config": yaml.safe_load(default.config_yaml)}})
+    return dg.DagsterInstance.from_ref(ref)
 
 
 def configured_dagster_instance():
