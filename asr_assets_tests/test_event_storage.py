@@ -47,7 +47,8 @@ def _range_run(instance: dg.DagsterInstance) -> str:
 def _what_it_shows(instance: dg.DagsterInstance, run_id: str) -> dict:
     key = numbers.key
     materialized = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key), limit=100).records
-    planned = instance.event_log_storage.fetch_planned_materializations(dg.AssetRecordsFilter(asset_key=key), limit=100).records
+    planned = instance.event_log_storage.get_event_records(
+        dg.EventRecordsFilter(dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED, asset_key=key))
     latest = instance.get_latest_materialization_event(key)
     evaluation = instance.event_log_storage.get_latest_asset_check_execution_by_key(
         [dg.AssetCheckKey(key, "numbers_ok")])[dg.AssetCheckKey(key, "numbers_ok")]
