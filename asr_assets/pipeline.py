@@ -677,6 +677,16 @@ def build_record_cache(settings: Settings, split: str, *, log: Callable[[str], N
     return results[split]
 
 
+def record_cache_sha256(settings: Settings, split: str) -> str | None:
+    """sha256 of ``split``'s JSONL as of its last complete build (from ``<split>.inputs.json``;
+    nothing else is read), or None when there is no such record."""
+    try:
+        state = json.loads(storage.read_bytes(str(_inputs_path(settings, split))))
+        return str(state["summary"]["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def record_cache_is_up_to_date(settings: Settings, split: str) -> bool:
     """Would :func:`build_record_cache` find ``split`` up to date (inputs unchanged, files intact)?"""
     return _up_to_date(settings, split, record_cache_inputs(settings, split)) is not None

@@ -24,6 +24,7 @@ from asr_assets.cli import main as cli_main
 from asr_assets.definitions import build_definitions, build_graph
 from asr_assets.defs.partitions import feature_partition_key
 from asr_assets.errors import CacheCorruptError
+from asr_assets.extraction import plan_shard_tasks
 from asr_assets.feature_cache import (ShardedParquetFeatureCache, ShardWriter, cache_key, list_parts, shard_dir,
                                       shard_index, tombstone_keys)
 from asr_assets.pipeline import build_feature_shards, build_record_cache, verify_feature_shard
@@ -95,17 +96,28 @@ def test_cli_runs_are_named_jobs_tagged_with_asset_and_split(tmp_path):
     assert cli_main(["materialize", "--output", str(tmp_path / "out"), "--workers", "1"]) == 0
     instance = dg.DagsterInstance.get()  # DAGSTER_HOME is the test's own (conftest)
     runs = instance.get_runs()
-    record_runs = [r for r in runs if r.job_name == "record_cache_job"]
-    feature_runs = [r for r in runs if r.job_name == "features_job"]
-    assert sorted(r.tags["asr/split"] for r in record_runs) == sorted(SPLITS)
-    assert all(r.tags["asr/asset"] == "record_cache" and r.tags["dagster/partition"] == r.tags["asr/split"]
-               for r in record_runs)
-    (feature_run,) = feature_runs  # one run for every split, over the range of shards that had work
-    lo, hi = (int(x) for x in feature_run.tags["asr/shards"].split("-"))
-    assert feature_run.tags["asr/asset"] == "squeezeformer_features" and 0 <= lo <= hi <= 63
-    assert feature_run.tags["asr/split"] == ",".join(SPLITS)
-    assert (feature_run.tags["dagster/asset_partition_range_start"], feature_run.tags["dagster/asset_partition_range_end"]) \
-        == (f"{lo:02d}|train", f"{hi:02d}|test")
+    (record_run,) = [r for r in runs if r.job_name == "record_cache_job"]  # one pass builds every split
+    assert record_run.tags["asr/asset"] == "record_cache" and record_run.tags["asr/split"] == ",".join(SPLITS)
+    assert (record_run.tags["dagster/asset_partition_range_start"],
+            record_run.tags["dagster/asset_partition_range_end"]) == (SPLITS[0], SPLITS[-1])
+    feature_runs = sorted((r for r in runs if r.job_name == "features_job"),
+                          key=lambda r: r.tags["dagster/asset_partition_range_start"])
+    assert feature_runs and all(r.tags["asr/asset"] == "squeezeformer_features" for r in feature_runs)
+    # the runs' boxes (shards x splits) cover every partition that had work, each once
+    settings = Settings.from_env(output=str(tmp_path / "out"))
+    covered = []
+    for run in feature_runs:
+        (lo, first), (hi, last) = (run.tags[f"dagster/asset_partition_range_{end}"].split("|") for end in ("start", "end"))
+        splits = SPLITS[SPLITS.index(first):SPLITS.index(last) + 1]
+        assert run.tags["asr/shards"] == f"{lo}-{hi}" and run.tags["asr/split"] == ",".join(splits)
+        covered += [feature_partition_key(split, shard) for shard in range(int(lo), int(hi) + 1) for split in splits]
+    assert len(covered) == len(set(covered))
+    materialized = dg.DagsterInstance.get().get_materialized_partitions(dg.AssetKey("squeezeformer_features"))
+    assert set(covered) == materialized
+    with_records = {feature_partition_key(split, shard) for split in SPLITS
+                    for shard, tasks in plan_shard_tasks(RecordStore(settings.record_cache_path(split)),
+                                                         SQUEEZEFORMER_HASH, range(64), 64).items() if tasks}
+    assert with_records and with_records <= set(covered)
     (summary_run,) = [r for r in runs if r.job_name == "summary_job"]  # one run over the splits that changed
     assert summary_run.tags["asr/asset"] == "split_summary" and summary_run.tags["asr/split"] == ",".join(SPLITS)
     assert not [r for r in runs if r.job_name == "__ephemeral_asset_job__"]
@@ -211,3 +223,15 @@ def test_feature_check_counts_come_from_the_index_without_reading_payloads(tmp_p
     result = verify_feature_shard(settings, frontend, "train", shard, new_parts=[])
     assert uid in result.unaccounted and len(result.unaccounted) == result.records == len(lost)
     assert result.with_features == 0 and result.payloads_read == 0 and payload_reads == []
+
+
+def test_feature_runs_are_boxes_over_stretches_of_busy_shards():
+    from asr_assets.cli.materialize import feature_ranges
+
+    busy = {"train": [0, 1, 2, 20, 40], "validation": [6], "test": [2, 41]}
+    # 0..6 is one stretch (gaps of at most 5 shards), 20 alone, 40..41 with the splits busy there
+    assert feature_ranges(busy, merge_gap=5) == [("00|train", "06|test"), ("20|train", "20|train"),
+                                                 ("40|train", "41|test")]
+    assert feature_ranges({"validation": [3]}) == [("03|validation", "03|validation")]
+    assert feature_ranges(busy, merge_gap=63) == [("00|train", "41|test")]  # one run, as before
+    assert feature_ranges({}) == []

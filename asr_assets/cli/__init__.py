@@ -10,9 +10,10 @@
     asr-assets warm (--input F | --input-folder D... | --input-record-cache J) --cache-dir ROOT [upstream flags]
 
 ``materialize`` runs the whole graph through Dagster against the instance in ``DAGSTER_HOME``
-(default ``./dagster_home``): one run per split of ``record_cache``, then one run per split
-covering all 64 shards of every enabled frontend. Runs, lineage and metadata then show in
-``dagster dev``. Progress, including the Dagster run log, goes to stdout; stderr carries only
+(default ``./dagster_home``): one ``record_cache`` run over the splits that are not up to date,
+feature runs over the shards with work of every enabled frontend, and a ``split_summary`` run
+over the splits that changed (:mod:`asr_assets.cli.materialize`). Runs, lineage and metadata
+then show in ``dagster dev``. Progress, including the Dagster run log, goes to stdout; stderr carries only
 problems. ``record-cache`` and ``warm`` are upstream's ``asr-features`` command lines
 (:mod:`asr_assets.cli.upstream`): same library, upstream-style log lines on stderr, Dagster
 only when ``DAGSTER_HOME`` exists. Exit status: 0 when done (utterances that failed are in

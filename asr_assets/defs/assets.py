@@ -63,8 +63,11 @@ def _duration_histogram(durations: list[float]) -> str:
     ),
 )
 def record_cache(context: dg.AssetExecutionContext, asr_config: AsrAssetsConfig) -> dg.MaterializeResult:
-    """One run per split (default backfill policy), so each split gets its own data version
-    (sha256 of its JSONL) and its own check evaluation; a range run also works."""
+    """A single-split run (the default backfill policy: UI backfills, sensors) gives the split
+    the data version sha256[:16] of its JSONL. A range run (``asr-assets materialize`` over the
+    splits that are stale, built in one pass over the manifests) attaches each split's metadata,
+    ``sha256`` included, to its own partition; Dagster then derives the data version from the
+    code version and the inputs."""
     settings = asr_config.settings()
     for split in context.partition_keys:
         result = build_record_cache(settings, split, log=context.log.info)
