@@ -181,6 +181,9 @@ class ShardStats:
     parts_written: int = 0
     tombstoned: int = 0
     worker_seconds: float = 0.0
+    #: wall seconds the main process spent writing the shard's parts and index (encode, zstd,
+    #: fsync, rename): the write stage, beside ``worker_seconds`` of decoding and featurizing
+    write_seconds: float = 0.0
     worker_peak_rss_mib: float = 0.0
     failures: list[Failure] = field(default_factory=list)
     #: file names of the parts written in the shard's folder (features and tombstones)
@@ -529,6 +532,7 @@ def _extract_locked(plan, reader: ShardedParquetFeatureCache, split_root, fronte
         for shard, writer in writers.items():
             writer.close()
             stats[shard].parts_written = len(writer.parts_written)
+            stats[shard].write_seconds = writer.write_seconds
             stats[shard].part_names = [os.path.basename(str(p)) for p in writer.parts_written]
     return stats
 

@@ -370,6 +370,8 @@ class ShardWriter:
         self._pending: list[tuple[str, bytes | None, bool]] = []
         self.parts_written: list[Path] = []
         self._indexed = 0
+        #: wall seconds spent in part and index writes so far
+        self.write_seconds = 0.0
 
     def add(self, key: str, features: np.ndarray) -> None:
         """Queue ``features`` (float32 ``[frames, dims]``) under ``key``."""
@@ -398,6 +400,7 @@ class ShardWriter:
     def flush(self) -> Path | None:
         if not self._pending:
             return None
+        start = time.perf_counter()
         if not storage.is_url(self.directory):
             self.directory.mkdir(parents=True, exist_ok=True)
         keys, payloads, deleted = zip(*self._pending)
@@ -408,13 +411,16 @@ class ShardWriter:
                      len(keys), sum(deleted), path)
         self._pending.clear()
         self.parts_written.append(path)
+        self.write_seconds += time.perf_counter() - start
         return path
 
     def close(self) -> None:
         self.flush()
         if self.update_index and len(self.parts_written) > self._indexed:
+            start = time.perf_counter()
             update_shard_index(self.split_root, self.shard)
             self._indexed = len(self.parts_written)
+            self.write_seconds += time.perf_counter() - start
 
     def __enter__(self) -> "ShardWriter":
         return self

@@ -128,7 +128,9 @@ def build_feature_asset(frontend: Frontend) -> dg.AssetsDefinition:
             context.log.info(
                 f"{frontend_name}[{split}]: {len(shards)} shards, {sum(s.computed for s in stats.values())} computed, "
                 f"{sum(s.skipped for s in stats.values())} already cached, {sum(s.failed for s in stats.values())} failed, "
-                f"{total_audio / max(elapsed, 1e-9):.0f}x real time (wall, all workers)"
+                f"{total_audio / max(elapsed, 1e-9):.0f}x real time (wall, all workers); writing parts "
+                f"{sum(s.write_seconds for s in stats.values()):.2f} s, decoding + featurizing "
+                f"{sum(s.worker_seconds for s in stats.values()):.2f} s of worker time"
             )
             for shard, s in stats.items():
                 report = settings.features_report_path(frontend_name, split, shard)
@@ -143,6 +145,8 @@ def build_feature_asset(frontend: Frontend) -> dg.AssetsDefinition:
                         "audio_seconds": round(s.audio_seconds, 2),
                         "audio_hours": round(s.audio_seconds / 3600, 5),
                         "xrt_per_core": round(s.xrt_per_core, 1),
+                        "worker_seconds": round(s.worker_seconds, 3),
+                        "write_seconds": round(s.write_seconds, 3),
                         "worker_peak_rss_mib": round(s.worker_peak_rss_mib, 1),
                         "frames": s.frames,
                         "parts_written": s.parts_written,
