@@ -128,8 +128,9 @@ def test_two_processes_materialize_at_once_on_postgres(pg, test_data, tmp_path, 
     assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
     runs = instance.get_runs(filters=dg.RunsFilter(tags={"asr/cli": "materialize"}))
     by_job = collections.Counter(r.job_name for r in runs)
-    assert by_job["record_cache_job"] == 6  # 3 splits x 2 processes
-    assert by_job["features_job"] == 2 and by_job["summary_job"] == 2
+    assert by_job["record_cache_job"] == 2  # one run over the 3 splits per process
+    # the same boxes of busy shards in both processes (asr_assets.cli.materialize.feature_ranges)
+    assert by_job["features_job"] >= 2 and by_job["features_job"] % 2 == 0 and by_job["summary_job"] == 2
     assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
     records = instance.fetch_materializations(dg.AssetKey("record_cache"), limit=100).records
     paths = collections.Counter((r.partition_key, str(r.asset_materialization.metadata["path"].value).split("/record_cache/")[0])
@@ -325,9 +326,8 @@ def test_celery_backfill_of_one_split_equals_a_local_run_and_survives_a_killed_w
     assert rc == 0, (tmp_path / "local.log").read_text()[-3000:]
     local_instance = dg.DagsterInstance.from_config(str(tmp_path / "local_home"))
     local_features = [r for r in local_instance.get_run_records(filters=dg.RunsFilter(job_name="features_job"))]
-    assert len(local_features) == 1
-    lf = local_features[0]
-    local_feature_wall = lf.end_time - lf.start_time
+    assert local_features  # one per box of busy shards (asr_assets.cli.materialize.feature_ranges)
+    local_feature_wall = sum(r.end_time - r.start_time for r in local_features)
 
     home = servers.dagster_home(tmp_path / "home", pg.env)
     shared = {**pg.env, **s3, "DAGSTER_HOME": str(home), "ASR_ASSETS_CELERY_BROKER": f"{redis_url}/0",
