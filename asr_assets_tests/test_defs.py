@@ -233,5 +233,6 @@ def test_feature_runs_are_boxes_over_stretches_of_busy_shards():
     assert feature_ranges(busy, merge_gap=5) == [("00|train", "06|test"), ("20|train", "20|train"),
                                                  ("40|train", "41|test")]
     assert feature_ranges({"validation": [3]}) == [("03|validation", "03|validation")]
+    assert feature_ranges({"train": [0, 17], "test": [40]}) == [("00|train", "17|train"), ("40|test", "40|test")]
     assert feature_ranges(busy, merge_gap=63) == [("00|train", "41|test")]  # one run, as before
     assert feature_ranges({}) == []

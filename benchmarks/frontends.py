@@ -3,7 +3,7 @@
 Usage (anchors are measured only if installed: torch/torchaudio, librosa, transformers,
 kaldi-native-fbank)::
 
-    PYTHONPATH=. python benchmarks/frontends.py [--data ../shared/data] [--minutes 3]
+    PYTHONPATH=. python benchmarks/frontends.py [--data asr_assets_tests/data] [--minutes 3]
         [--rounds 5] [--write-readme]
 
 Input: real speech (the JFK clip, the ``en_hf`` parquet utterances and ``nl_cv`` Ogg clips,
@@ -225,7 +225,8 @@ def blas_info() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=ROOT / "asr_assets_tests" / "data",
+                        help="folder of speech clips (default: the in-repo test data; ../shared/data has more)")
     parser.add_argument("--minutes", type=float, default=3.0, help="audio per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--write-readme", action="store_true", help="write the table into benchmarks/README.md")

@@ -20,7 +20,8 @@ from pathlib import Path
 from asr_assets.pipeline import build_feature_shards, build_record_cache
 from asr_assets.settings import SPLITS, Settings
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: the speech that ships in the repo (``--manifests ../shared/data/en_hf`` etc. for more)
+DATA = Path(__file__).resolve().parents[1] / "asr_assets_tests" / "data"
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--frontend", default="squeezeformer")
     args = parser.parse_args()
-    corpora = args.manifests or [str(SHARED / "en_hf"), str(SHARED / "nl_cv"), str(SHARED / "formats")]
+    corpora = args.manifests or [str(DATA / "en_hf"), str(DATA / "nl_cv"), str(DATA / "formats")]
     print(f"{'corpus':<10} {'workers':>7} {'audio s':>8} {'wall s':>7} {'xRT wall':>9} {'xRT/core':>9} "
           f"{'main MB':>8} {'worker MB':>9}")
     for corpus in corpora:

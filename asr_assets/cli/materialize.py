@@ -119,11 +119,12 @@ def _manifest_files(settings: Settings) -> list[str]:
 
 DEFAULT_CONCURRENT_RUNS = 4
 
-#: Shards without work between two busy ones that one features run still spans. A partition
-#: with nothing to do costs a range run ~20 ms (its planned and materialization events, its
-#: metadata, the check's plan of it); a run of its own costs ~0.35 s (run record, step start,
-#: check step): ~16 idle partitions, ~5 shards of 3 splits.
-MERGE_GAP_SHARDS = 5
+#: Shards without work between two busy ones that one features run still spans. Measured on
+#: the 1-hour corpus of benchmarks/end_to_end.py: a features run with nothing to compute costs
+#: ~0.6 s for 1 partition, ~0.8 s for 15, ~1.0 s for 48 (~13 ms per partition: its planned and
+#: materialization events, its metadata, the check's plan of it), and a run that computes also
+#: starts the worker pool: ~16 idle shards of up to 3 splits cost about one extra run.
+MERGE_GAP_SHARDS = 16
 
 
 def feature_ranges(busy: dict[str, list[int]], merge_gap: int = MERGE_GAP_SHARDS) -> list[tuple[str, str]]:
