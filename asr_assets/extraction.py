@@ -371,11 +371,8 @@ def shards_with_work(store: RecordStore, split_root: str | os.PathLike, frontend
     busy = []
     if None not in output_hashes:  # named outputs: every output key of every record
         for shard, tasks in plan_shard_tasks(store, frontend_hash, range(num_shards), num_shards).items():
-            present = reader.keys(shard, frontend_hash=frontend_hash)
-            keys = {task.key: _record_keys(task, output_hashes).values() for task in tasks}
-            wanted = set().union(*keys.values())
-            if present - wanted or any(not present.issuperset(keys[t.key]) and t.utterance_id not in known_failed
-                                       for t in tasks):
+            missing, orphans = _shard_work(reader.keys(shard, frontend_hash=frontend_hash), tasks, output_hashes)
+            if orphans or any(t.utterance_id not in known_failed for t in missing):
                 busy.append(shard)
         return busy
     keys = record_keys(store, frontend_hash, num_shards)
@@ -443,20 +440,21 @@ def extract_shards(
     return {shard: idle.get(shard) or stats[shard] for shard in plan}
 
 
+def _shard_work(present: set[str], tasks: list[_Task], output_hashes: dict[str | None, str]) -> tuple[list[_Task], list[str]]:
+    """What a shard holding the cache keys ``present`` (of one frontend) still needs: the tasks
+    whose keys are not all there (to compute), and the keys of no task (records gone: to
+    tombstone), sorted."""
+    keys = {task.key: _record_keys(task, output_hashes).values() for task in tasks}
+    wanted = set().union(*keys.values())
+    return [task for task in tasks if not present.issuperset(keys[task.key])], sorted(present - wanted)
+
+
 def _up_to_date(reader: ShardedParquetFeatureCache, shard: int, fhash: str, tasks: list[_Task],
                 output_hashes: dict[str | None, str]) -> bool:
     """Whether every record of ``tasks`` has its keys in ``shard`` and the shard holds no key of
     this frontend for a record that is gone."""
-    present = reader.keys(shard, frontend_hash=fhash)
-    if not tasks:
-        return not present
-    wanted = set()
-    for task in tasks:
-        keys = _record_keys(task, output_hashes).values()
-        if not present.issuperset(keys):
-            return False
-        wanted.update(keys)
-    return not (present - wanted)
+    missing, orphans = _shard_work(reader.keys(shard, frontend_hash=fhash), tasks, output_hashes)
+    return not missing and not orphans
 
 
 def _extract_locked(plan, reader: ShardedParquetFeatureCache, split_root, frontend: Frontend, fhash: str,
@@ -467,15 +465,9 @@ def _extract_locked(plan, reader: ShardedParquetFeatureCache, split_root, fronte
     output_hashes = frontend.output_hashes()  # {None: fhash}, or one hash per named output
     for shard, tasks in plan.items():
         remove_stale_tmp(shard_dir(split_root, shard))  # left by killed writers
-        present = reader.keys(shard, frontend_hash=fhash)
-        keys = {task.key: _record_keys(task, output_hashes).values() for task in tasks}
-        wanted = set().union(*keys.values())
-        orphans[shard] = sorted(present - wanted)  # records gone from the record cache
-        for task in tasks:
-            if present.issuperset(keys[task.key]):
-                stats[shard].skipped += 1
-            else:
-                todo.append(task)
+        missing, orphans[shard] = _shard_work(reader.keys(shard, frontend_hash=fhash), tasks, output_hashes)
+        stats[shard].skipped += len(tasks) - len(missing)
+        todo.extend(missing)
     metadata = part_metadata(frontend)
     if logger.isEnabledFor(logging.DEBUG):
         for shard in plan:

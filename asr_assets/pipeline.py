@@ -200,12 +200,7 @@ class DurationProbe:
         paths, sizes, mtimes = zip(*self.known) if self.known else ((), (), ())
         table = pa.table({"path": list(paths), "size": list(sizes), "mtime_ns": list(mtimes),
                           "duration_s": list(self.known.values())})
-        if self.remote:
-            storage.put(str(self.path), storage.parquet_bytes(table))
-            return
-        tmp = tmp_path_for(self.path)
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.path)
+        storage.write_atomic(self.path, storage.parquet_bytes(table))
 
 
 #: Fewer headers than this to read in one batch are read in the building process.
@@ -338,25 +333,20 @@ def _remote_up_to_date(settings: Settings, split: str, inputs: dict | None) -> R
 
 
 def _save_inputs(settings: Settings, split: str, inputs: dict | None, summary: WriteSummary) -> None:
-    from ._fs import atomic_write_bytes
-
+    """Write ``<split>.inputs.json`` (what the build read, and its summary), last: the record of
+    a complete build. On an object store the summary names the commit's version, locally the
+    JSONL's size (what :func:`_up_to_date` / :func:`_remote_up_to_date` compare)."""
     target = _inputs_path(settings, split)
-    if storage.is_url(target):  # one PUT, last: the record of a complete build
-        if inputs is None:
-            storage.remove(str(target))
-            return
-        state = {"inputs": inputs, "summary": {
-            "utterances": summary.utterances, "audio_seconds": summary.audio_seconds, "blobs": summary.blobs,
-            "sha256": summary.sha256, "version": summary.version}}
-        storage.put(str(target), json.dumps(state, indent=1, sort_keys=True).encode("utf-8"))
-        return
+    remote = storage.is_url(target)
     if inputs is None:
-        target.unlink(missing_ok=True)
+        storage.remove(str(target)) if remote else target.unlink(missing_ok=True)
         return
+    check = ({"version": summary.version} if remote
+             else {"jsonl_bytes": settings.record_cache_path(split).stat().st_size})
     state = {"inputs": inputs, "summary": {
         "utterances": summary.utterances, "audio_seconds": summary.audio_seconds, "blobs": summary.blobs,
-        "sha256": summary.sha256, "jsonl_bytes": settings.record_cache_path(split).stat().st_size}}
-    atomic_write_bytes(target, json.dumps(state, indent=1, sort_keys=True).encode("utf-8"))
+        "sha256": summary.sha256, **check}}
+    storage.write_atomic(target, json.dumps(state, indent=1, sort_keys=True).encode("utf-8"))
 
 
 def record_config(settings: Settings) -> tuple[RecordConfig, dict[str, int]]:
@@ -896,7 +886,6 @@ def record_shard_stats(split_root: str | os.PathLike, shard: int, frontend: Fron
     (run id, time, wall seconds, audio seconds of the whole run), one ``moments`` entry more if it
     computed anything, entries whose parts are gone dropped. Atomic; locally under the shard's
     writer lock, on an object store one PUT (last writer wins)."""
-    from ._fs import atomic_write_bytes
     from .feature_cache import shard_dir, shard_lock
 
     fhash = frontend.frontend_hash()
@@ -926,11 +915,7 @@ def record_shard_stats(split_root: str | os.PathLike, shard: int, frontend: Fron
                          "worker_seconds": round(stats.worker_seconds, 3), "frames": stats.frames,
                          "parts": list(stats.part_names)},
         }
-        target, data = shard_stats_path(split_root, shard, fhash), json.dumps(state).encode("utf-8")
-        if storage.is_url(target):
-            storage.put(target, data)  # one PUT: atomic on an object store
-        else:
-            atomic_write_bytes(target, data)
+        storage.write_atomic(shard_stats_path(split_root, shard, fhash), json.dumps(state).encode("utf-8"))
 
 
 # --- verification of what a run wrote (feature side) --------------------------------------------
