@@ -436,6 +436,18 @@ def list_files(url: str, *, recursive: bool = False) -> list[ObjectInfo]:
     return sorted((_to_info(prefix, e) for e in entries if e.get("type", "file") == "file"), key=str)
 
 
+def list_dirs(url: str) -> set[str]:
+    """Names of the folders directly in a folder URL (prefixes on an object store), from one
+    listing; empty when there is none."""
+    fs, path = filesystem(url)
+    fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return set()
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"}
+
+
 def info(url: str) -> ObjectInfo:
     """One object's :class:`ObjectInfo` (one HEAD).
 

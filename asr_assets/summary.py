@@ -43,7 +43,7 @@ from . import storage
 from .feature_cache import ShardedParquetFeatureCache, cache_key, shard_dir, shard_index
 from .frontends import Frontend
 from .pipeline import listed_failure_reports, read_shard_stats
-from .record_cache import RecordStore
+from .record_cache import RecordStore, read_commit
 from .settings import Settings
 
 #: Record-cache sample rate: ``num_samples`` sidecar entries are at 16 kHz (spec §1).
@@ -126,9 +126,10 @@ class SplitSummary:
         return self.audio_seconds / 3600
 
 
-def _report_stages(path: Path) -> Counter:
+def _report_stages(path: Path, listed: bool = False) -> Counter:
+    """Failures by stage in a JSONL report; ``listed``: a listing showed it exists (no HEAD)."""
     stages: Counter = Counter()
-    if path.is_file():  # a Path, or a UPath of an object (one HEAD, one GET)
+    if listed or path.is_file():  # a Path, or a UPath of an object (one HEAD, one GET)
         with path.open(encoding="utf-8") as handle:
             for line in handle:
                 if line.strip():
@@ -147,7 +148,8 @@ def summarize_split(settings: Settings, split: str, frontends: Sequence[Frontend
     summary = SplitSummary(split, rows_not_cached_by_stage=dict(_report_stages(settings.records_report_path(split))))
     path = settings.record_cache_path(split)
     ids: list[str] = []
-    if path.is_file():
+    # on an object store the JSONL object is named by its commit object (record_cache.read_commit)
+    if read_commit(str(path)) is not None if storage.is_url(path) else path.is_file():
         store = RecordStore(path)
         summary.utterances = len(store)
         samples = store.sidecars.get("num_samples")
@@ -186,12 +188,14 @@ def _summarize_features(settings: Settings, split: str, frontend: Frontend, ids:
     total = np.zeros(frontend.feature_dim)
     total_sq = np.zeros(frontend.feature_dim)
     reports = listed_failure_reports(settings, frontend.name, split)
+    # on an object store one listing says which shard folders exist (not a request per shard)
+    folders = storage.list_dirs(storage.join(str(split_root), "feature_shards")) if storage.is_url(split_root) else None
     for shard in range(settings.num_shards):
         report = settings.features_report_path(frontend.name, split, shard)
         if reports is None or report.name in reports:
-            stages += _report_stages(report)
+            stages += _report_stages(report, listed=reports is not None)
         directory = shard_dir(split_root, shard)
-        if not (storage.is_dir(directory) if isinstance(directory, str) else directory.is_dir()):
+        if not (storage.basename(str(directory)) in folders if folders is not None else directory.is_dir()):
             continue
         live = cache.keys(shard, frontend_hash=fhash)
         result.with_features += len(live & wanted.get(shard, set()))

@@ -511,6 +511,19 @@ def test_materialize_from_s3_manifests_to_an_s3_cache_equals_a_local_run(s3, tes
     remote_failures = sorted(str(f)[len(out) + 1:] for f in storage.list_files(f"{out}/reports", recursive=True)
                              if f.name.startswith("shard_"))
     assert remote_failures == local_failures
+    # the split summary read from the bucket (one listing of the shard folders) says what the local one says
+    from asr_assets.settings import Settings
+    from asr_assets.summary import summarize_split
+
+    for split in SPLITS:
+        local_sum = summarize_split(Settings(output=str(tmp_path / "local")), split, ["squeezeformer"])
+        remote_sum = summarize_split(Settings(output=out), split, ["squeezeformer"])
+        (lf,), (rf,) = local_sum.features, remote_sum.features
+        assert (remote_sum.utterances, remote_sum.speakers, round(remote_sum.audio_seconds, 3)) == \
+            (local_sum.utterances, local_sum.speakers, round(local_sum.audio_seconds, 3))
+        assert (rf.records, rf.with_features, rf.failures_by_stage, rf.moments_utterances) == \
+            (lf.records, lf.with_features, lf.failures_by_stage, lf.moments_utterances)
+        assert lf.with_features > 0 or split != "train"
     # a second run over unchanged inputs writes nothing
     before = len(counter.requests)
     assert cli_main(["materialize", *remote_args, "--output", out, "--workers", "2"]) == 0
