@@ -496,7 +496,9 @@ def test_multiprocess_executor_equals_in_process(test_data, tmp_path):
     import dagster as dg
 
     runs = dg.DagsterInstance.from_config(str(tmp_path / "home_multiprocess")).get_runs()
-    assert {r.tags.get("asr/executor") for r in runs} == {"multiprocess"} and len(runs) == 5
+    assert {r.tags.get("asr/executor") for r in runs} == {"multiprocess"}
+    by_job = collections.Counter(r.job_name for r in runs)  # features: one run per box of busy shards
+    assert by_job["record_cache_job"] == 1 and by_job["summary_job"] == 1 and by_job["features_job"] >= 1
     compared = 0
     for split in ("train", "validation", "test"):
         a = RecordStore(outs["in_process"] / "record_cache" / f"{split}.jsonl")
