@@ -6,7 +6,7 @@ when such a run is created. Its PostgreSQL storage writes a batch at once; its S
 has no batch write and stores each event on its own: a new engine, a connection and a commit
 (with fsync) on the run's database, then the same again on the index database. On this machine
 that is ~21 ms per event, and a features run over 3 splits x 64 shards writes ~400 of them
-(measured: 10 s of an 19 s ``asr-assets materialize``).
+(measured: 10 s of a 19 s ``asr-assets materialize``).
 
 :class:`BatchedSqliteEventLogStorage` is that same SQLite storage (same files, same tables and
 rows, so ``dagster dev`` with the default storage reads what it wrote) whose
