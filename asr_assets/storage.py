@@ -445,7 +445,7 @@ def list_dirs(url: str) -> set[str]:
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         return set()
-    return {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"}
+    return {basename(e["name"]) for e in entries if e.get("type") == "directory"}
 
 
 def info(url: str) -> ObjectInfo:
