@@ -348,16 +348,15 @@ class RecordCacheWriter:
                 if audio_bytes is not None and not (audio_path and os.path.isfile(audio_path)):
                     blob_paths[k] = write_blob(self.path, audio_bytes)
                     summary.blobs += 1
-        lines = _jsonl_lines(records, blob_paths)
-        lengths = lines.str.len_bytes().to_numpy().astype(np.int64)
-        data = lines.str.join("").item().encode("utf-8")
-        offsets = np.empty(n, dtype=np.int64)
-        offsets[0] = self._position
-        np.cumsum(lengths[:-1], out=offsets[1:])
-        offsets[1:] += self._position
+        # large_string: the lines are one UTF-8 buffer (the JSONL bytes) and their int64 ends
+        lines = _jsonl_lines(records, blob_paths).to_arrow(compat_level=pl.CompatLevel.oldest())
+        _, ends_buffer, text = lines.buffers()
+        ends = np.frombuffer(ends_buffer, dtype=np.int64, count=n + 1, offset=lines.offset * 8)
+        data = text[int(ends[0]):int(ends[-1])]
+        offsets = ends[:-1] - ends[0] + self._position
         self._handle.write(data)
         self._digest.update(data)
-        self._position += len(data)
+        self._position += data.size
         durations = np.asarray(records.duration_s, dtype=np.float64)
         seconds = summary.audio_seconds
         for duration in durations.tolist():  # in record order, as the per-record writer adds them
