@@ -5,7 +5,7 @@ Entry points:
       as polars string expressions.
     - :func:`transcript_counts` — per normalized transcript: code points, symbols, alphanumerics,
       non-whitespace characters and words (what the filters of spec §1.6 need).
-    - :class:`DigestClaims` — which row first carried each utterance id, ~45 bytes per id.
+    - :class:`DigestClaims` — which row first carried each utterance id, ~53 bytes per id.
     - :class:`BatchRecordBuilder` — a :class:`~asr_assets.manifest_batches.ManifestBatch` ->
       per split, in row order, its records as columns and its :class:`~asr_assets.records.Rejection` (:class:`SplitRecords`).
 
@@ -165,16 +165,25 @@ def filter_reason(n: int, symbols: int, alnum: int, chars: int, words: int, dura
     return None
 
 
+def _halves(digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first and last 8 bytes of each 16-byte digest as native ``uint64`` (big-endian read,
+    so ``(high, low)`` sorts as the bytes do)."""
+    words = digests.view(">u8").reshape(-1, 2)
+    return words[:, 0].astype(np.uint64), words[:, 1].astype(np.uint64)
+
+
 class DigestClaims:
     """Which row first carried each utterance id, in discovery order, for whole batches.
 
     Ids are kept as BLAKE2b-128 digests in sorted runs (merged as they grow, like an LSM tree)
-    with the claiming row's manifest, row number, line and split: about 45 bytes per id and no
-    Python object per id.
+    with the claiming row's manifest, row number, line and split: about 53 bytes per id and no
+    Python object per id. Each run also keeps its digests' first 8 bytes as ``uint64`` (their
+    order is the digests' order), so look-ups and sorts compare integers, not 16-byte strings.
     """
 
     def __init__(self) -> None:
-        self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted digests "S16", ordinals int64)
+        self.runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (sorted digests "S16", their
+        # first 8 bytes as uint64, ordinals int64)
         self.count = 0
         self.manifests: list[str] = []
         self._manifest_index: dict[str, int] = {}
@@ -196,12 +205,19 @@ class DigestClaims:
             return []
         digest = self.digests(keys)
         owner = np.full(n, -1, dtype=np.int64)
-        for run_keys, run_ordinals in self.runs:
-            pos = np.searchsorted(run_keys, digest)
+        high, low = _halves(digest)
+        for run_keys, run_high, run_ordinals in self.runs:
+            pos = np.searchsorted(run_high, high)
             pos[pos == len(run_keys)] = 0
             hit = run_keys[pos] == digest
+            again = np.flatnonzero(~hit & (run_high[pos] == high))  # same first 8 bytes, not (yet) the digest
+            if len(again):
+                exact = np.searchsorted(run_keys, digest[again])
+                exact[exact == len(run_keys)] = 0
+                pos[again] = exact
+                hit[again] = run_keys[exact] == digest[again]
             owner[hit] = run_ordinals[pos[hit]]
-        order = np.argsort(digest, kind="stable")
+        order = np.lexsort((low, high))  # stable, in the digests' byte order
         ordered = digest[order]
         starts = np.ones(n, dtype=bool)
         starts[1:] = ordered[1:] != ordered[:-1]
@@ -219,13 +235,13 @@ class DigestClaims:
             if m is None:
                 m = self._manifest_index[manifest] = len(self.manifests)
                 self.manifests.append(manifest)
-            split_codes = np.array([SPLITS.index(s) if s in SPLITS else len(SPLITS) for s in splits], dtype=np.uint8)
+            codes = {s: c for c, s in enumerate(SPLITS)}
+            split_codes = np.array([codes.get(s, len(SPLITS)) for s in splits], dtype=np.uint8)
             self._info_starts.append(self.count)
             self._info.append((m, np.asarray(row_numbers, dtype=np.int64)[new_index],
                                np.asarray(file_rows, dtype=np.int64)[new_index], split_codes[new_index]))
-            keys_new = digest[new_index]
-            sort = np.argsort(keys_new)
-            self.runs.append((keys_new[sort], ordinals[new_index][sort]))
+            sort = new_index[np.lexsort((low[new_index], high[new_index]))]
+            self.runs.append((digest[sort], high[sort], ordinals[sort]))
             self.count += len(new_index)
             self._merge()
         out: list[dict | None] = [None] * n
@@ -235,10 +251,10 @@ class DigestClaims:
 
     def _merge(self) -> None:
         while len(self.runs) > 1 and len(self.runs[-1][0]) * 2 >= len(self.runs[-2][0]):
-            (k1, o1), (k2, o2) = self.runs[-2], self.runs.pop()
-            keys, ordinals = np.concatenate([k1, k2]), np.concatenate([o1, o2])
-            sort = np.argsort(keys, kind="stable")
-            self.runs[-1] = (keys[sort], ordinals[sort])
+            (k1, h1, o1), (k2, h2, o2) = self.runs[-2], self.runs.pop()
+            keys, high, ordinals = np.concatenate([k1, k2]), np.concatenate([h1, h2]), np.concatenate([o1, o2])
+            sort = np.lexsort((_halves(keys)[1], high))
+            self.runs[-1] = (keys[sort], high[sort], ordinals[sort])
 
     def _describe(self, ordinal: int) -> dict:
         chunk = bisect.bisect_right(self._info_starts, ordinal) - 1
@@ -315,9 +331,11 @@ class BatchRecordBuilder:
         speakers = batch.speaker_id
         if fixed_split is not None:
             splits = [fixed_split] * n
-        else:
-            split_of = self._split
-            splits = [split_of(s or k) for s, k in zip(speakers, keys)]
+        else:  # the remembered split of each key; assign_split for the others
+            split_keys = [s or k for s, k in zip(speakers, keys)]
+            splits = list(map(self._split_of.get, split_keys))
+            for i in [i for i, split in enumerate(splits) if split is None]:
+                splits[i] = self._split(split_keys[i])
         firsts = self.claims.claim(keys, batch.manifest_path, rn, fr, splits)
         if not wanted:
             return {}
