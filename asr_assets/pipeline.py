@@ -43,7 +43,7 @@ from .frontends import Frontend
 from .logs import TRACE, trace
 from .manifest_batches import ManifestProblem, iter_manifest_batches
 from .manifests import ManifestRow
-from .record_batches import BatchRecordBuilder
+from .record_batches import BatchRecordBuilder, SplitRecords
 from .record_cache import RecordCacheWriter, RecordStore, WriteSummary
 from .records import RecordConfig, Rejection
 from .settings import SPLITS, Settings
@@ -437,6 +437,12 @@ class _SplitBuild:
                                getattr(error, "stage", "manifest"), str(error), line=getattr(error, "line", None)))
 
     def _reject(self, item: Rejection) -> None:
+        self._count(item)
+        if self._trace:
+            self._trace_rejection(item)
+
+    def _count(self, item: Rejection) -> None:
+        """Write a rejection to the report and count it."""
         self._report.write(json.dumps(item.to_report(), ensure_ascii=False) + "\n")
         self.rejected += 1
         if item.utterance_id is None:
@@ -446,27 +452,37 @@ class _SplitBuild:
                 self.file_level += 1
         elif item.duplicate_of is not None:
             self.duplicates += 1
-        if self._trace:
-            trace(logger, "record cache %s: row %d of %s utterance_id=%s not cached (%s): %s", self.split,
-                  item.row_number, item.manifest_path, item.utterance_id, item.stage, item.reason)
 
-    def add(self, items: list) -> None:
-        """Records (tuples) and Rejections in row order; stops at the cap (upstream
-        ``--max-*-samples``: what comes after the cap-th record is not looked at)."""
-        records = []
-        for item in items:
-            if type(item) is tuple:
-                records.append(item)
-                if self._trace:
-                    trace(logger, "record cache %s: utterance_id=%s audio=%s duration=%.3f s", self.split, item[0],
-                          item[2] or f"<{len(item[3] or b'')} embedded bytes>", item[5])
-                if self.cap is not None and self.records + len(records) >= self.cap:
-                    self.open = False
-                    break
-            else:
-                self._reject(item)
-        self.records += len(records)
-        self.writer.add(records)
+    def _trace_rejection(self, item: Rejection) -> None:
+        trace(logger, "record cache %s: row %d of %s utterance_id=%s not cached (%s): %s", self.split,
+              item.row_number, item.manifest_path, item.utterance_id, item.stage, item.reason)
+
+    def add(self, part: SplitRecords) -> None:
+        """One batch's records and Rejections of this split (:class:`~asr_assets.record_batches.SplitRecords`);
+        stops at the cap (upstream ``--max-*-samples``: what comes after the cap-th record is not
+        looked at)."""
+        if self.cap is not None and self.records + len(part.rows) >= self.cap:
+            part = part.head(self.cap - self.records)
+            self.open = False
+        if self._trace:
+            self._trace_rows(part)
+        for item in part.rejections:
+            self._count(item)
+        self.records += len(part.rows)
+        self.writer.add_columns(part.records)
+
+    def _trace_rows(self, part: SplitRecords) -> None:
+        """One trace line per row of ``part``, in row order."""
+        r = part.records
+        records = [(row, k) for k, row in enumerate(part.rows)]
+        rejections = [(row, -1 - k) for k, row in enumerate(part.rejection_rows)]
+        for _, k in sorted(records + rejections):
+            if k < 0:
+                self._trace_rejection(part.rejections[-1 - k])
+                continue
+            blob = r.audio_bytes[k] if r.audio_bytes is not None else None
+            trace(logger, "record cache %s: utterance_id=%s audio=%s duration=%.3f s", self.split, r.utterance_id[k],
+                  r.audio_path[k] or f"<{len(blob or b'')} embedded bytes>", r.duration_s[k])
 
     def finish(self) -> WriteSummary:
         summary = self.writer.close()
@@ -496,7 +512,7 @@ def build_record_caches(settings: Settings, splits: Sequence[str] = SPLITS, *,
     normalizes and filters each batch (:class:`~asr_assets.record_batches.BatchRecordBuilder`),
     assigns each row its split and appends it to that split's writer (one
     :class:`~asr_assets.record_cache.RecordCacheWriter` per split open at once). Memory stays flat
-    in the number of rows apart from the duplicate-id index (~45 bytes per row) and 8 bytes per
+    in the number of rows apart from the duplicate-id index (~53 bytes per row) and 8 bytes per
     record (durations of the summary); rejections go to the report as they come. The output of
     every split (JSONL, sidecars, blobs, report) is that of the per-row reference
     (``asr_assets_tests/reference_record_cache.py``) byte for byte.
@@ -593,8 +609,8 @@ def _build_splits(settings: Settings, stale: list[str], inputs: dict, log, progr
                     wanted = {s for s in fed if states[s].open}
                     if not wanted and not any(states[s].open for s in later):
                         break
-                    for split, items in builder.build(item, wanted, fixed_split).items():
-                        states[split].add(items)
+                    for split, part in builder.build(item, wanted, fixed_split).items():
+                        states[split].add(part)
                     before, scanned = scanned, scanned + len(item)
                     if progress_interval and logger.isEnabledFor(progress_level):  # counts as of the batch's end
                         for mark in range(before // progress_interval + 1, scanned // progress_interval + 1):

@@ -5,9 +5,9 @@ Entry points:
       as polars string expressions.
     - :func:`transcript_counts` — per normalized transcript: code points, symbols, alphanumerics,
       non-whitespace characters and words (what the filters of spec §1.6 need).
-    - :class:`DigestClaims` — which row first carried each utterance id, ~45 bytes per id.
+    - :class:`DigestClaims` — which row first carried each utterance id, ~53 bytes per id.
     - :class:`BatchRecordBuilder` — a :class:`~asr_assets.manifest_batches.ManifestBatch` ->
-      per split, in row order, record tuples and :class:`~asr_assets.records.Rejection`.
+      per split, in row order, its records as columns and its :class:`~asr_assets.records.Rejection` (:class:`SplitRecords`).
 
 :func:`asr_assets.records.build_records` stays the reference: the same rows give the same
 records, splits, stages and reasons (the tests run both on hostile and generated rows).
@@ -28,6 +28,7 @@ import hashlib
 import math
 import os
 import re
+from dataclasses import dataclass, field
 from stat import S_ISREG
 from typing import Callable, Sequence
 
@@ -35,6 +36,7 @@ import numpy as np
 import polars as pl
 
 from .manifest_batches import ManifestBatch
+from .record_cache import RecordColumns
 from .storage import is_url
 from .manifests import ManifestRow
 from .records import (
@@ -102,12 +104,18 @@ def normalize_transcripts(texts: Sequence[str], *, lowercase: bool = False) -> l
 
 def normalize_and_count(texts: Sequence[str], *, lowercase: bool = False) -> tuple[list[str], dict[str, np.ndarray]]:
     """:func:`normalize_transcripts` and :func:`transcript_counts` of the result, in one pass."""
+    normalized, counts = _normalize_and_count(texts, lowercase=lowercase)
+    return normalized.to_list(), counts
+
+
+def _normalize_and_count(texts: Sequence[str], *, lowercase: bool = False) -> tuple[pl.Series, dict[str, np.ndarray]]:
+    """:func:`normalize_and_count` with the normalized transcripts as a polars String series
+    (what the record writer takes: no Python string per transcript)."""
     if lowercase or not texts:
-        normalized = normalize_transcripts(texts, lowercase=lowercase)
-        return normalized, transcript_counts(normalized)
+        normalized = pl.Series("t", normalize_transcripts(texts, lowercase=lowercase), dtype=pl.String)
+        return normalized, _counts(normalized.to_frame())
     frame = pl.DataFrame({"t": pl.Series(texts, dtype=pl.String)}).select(t=_normalized_expr(pl.col("t")))
-    counts = _counts(frame)
-    return frame["t"].to_list(), counts
+    return frame["t"], _counts(frame)
 
 
 def _counts(frame: pl.DataFrame) -> dict[str, np.ndarray]:
@@ -157,16 +165,25 @@ def filter_reason(n: int, symbols: int, alnum: int, chars: int, words: int, dura
     return None
 
 
+def _halves(digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first and last 8 bytes of each 16-byte digest as native ``uint64`` (big-endian read,
+    so ``(high, low)`` sorts as the bytes do)."""
+    words = digests.view(">u8").reshape(-1, 2)
+    return words[:, 0].astype(np.uint64), words[:, 1].astype(np.uint64)
+
+
 class DigestClaims:
     """Which row first carried each utterance id, in discovery order, for whole batches.
 
     Ids are kept as BLAKE2b-128 digests in sorted runs (merged as they grow, like an LSM tree)
-    with the claiming row's manifest, row number, line and split: about 45 bytes per id and no
-    Python object per id.
+    with the claiming row's manifest, row number, line and split: about 53 bytes per id and no
+    Python object per id. Each run also keeps its digests' first 8 bytes as ``uint64`` (their
+    order is the digests' order), so look-ups and sorts compare integers, not 16-byte strings.
     """
 
     def __init__(self) -> None:
-        self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted digests "S16", ordinals int64)
+        self.runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (sorted digests "S16", their
+        # first 8 bytes as uint64, ordinals int64)
         self.count = 0
         self.manifests: list[str] = []
         self._manifest_index: dict[str, int] = {}
@@ -188,12 +205,19 @@ class DigestClaims:
             return []
         digest = self.digests(keys)
         owner = np.full(n, -1, dtype=np.int64)
-        for run_keys, run_ordinals in self.runs:
-            pos = np.searchsorted(run_keys, digest)
+        high, low = _halves(digest)
+        for run_keys, run_high, run_ordinals in self.runs:
+            pos = np.searchsorted(run_high, high)
             pos[pos == len(run_keys)] = 0
             hit = run_keys[pos] == digest
+            again = np.flatnonzero(~hit & (run_high[pos] == high))  # same first 8 bytes, not (yet) the digest
+            if len(again):
+                exact = np.searchsorted(run_keys, digest[again])
+                exact[exact == len(run_keys)] = 0
+                pos[again] = exact
+                hit[again] = run_keys[exact] == digest[again]
             owner[hit] = run_ordinals[pos[hit]]
-        order = np.argsort(digest, kind="stable")
+        order = np.lexsort((low, high))  # stable, in the digests' byte order
         ordered = digest[order]
         starts = np.ones(n, dtype=bool)
         starts[1:] = ordered[1:] != ordered[:-1]
@@ -211,13 +235,13 @@ class DigestClaims:
             if m is None:
                 m = self._manifest_index[manifest] = len(self.manifests)
                 self.manifests.append(manifest)
-            split_codes = np.array([SPLITS.index(s) if s in SPLITS else len(SPLITS) for s in splits], dtype=np.uint8)
+            codes = {s: c for c, s in enumerate(SPLITS)}
+            split_codes = np.array([codes.get(s, len(SPLITS)) for s in splits], dtype=np.uint8)
             self._info_starts.append(self.count)
             self._info.append((m, np.asarray(row_numbers, dtype=np.int64)[new_index],
                                np.asarray(file_rows, dtype=np.int64)[new_index], split_codes[new_index]))
-            keys_new = digest[new_index]
-            sort = np.argsort(keys_new)
-            self.runs.append((keys_new[sort], ordinals[new_index][sort]))
+            sort = new_index[np.lexsort((low[new_index], high[new_index]))]
+            self.runs.append((digest[sort], high[sort], ordinals[sort]))
             self.count += len(new_index)
             self._merge()
         out: list[dict | None] = [None] * n
@@ -227,10 +251,10 @@ class DigestClaims:
 
     def _merge(self) -> None:
         while len(self.runs) > 1 and len(self.runs[-1][0]) * 2 >= len(self.runs[-2][0]):
-            (k1, o1), (k2, o2) = self.runs[-2], self.runs.pop()
-            keys, ordinals = np.concatenate([k1, k2]), np.concatenate([o1, o2])
-            sort = np.argsort(keys, kind="stable")
-            self.runs[-1] = (keys[sort], ordinals[sort])
+            (k1, h1, o1), (k2, h2, o2) = self.runs[-2], self.runs.pop()
+            keys, high, ordinals = np.concatenate([k1, k2]), np.concatenate([h1, h2]), np.concatenate([o1, o2])
+            sort = np.lexsort((_halves(keys)[1], high))
+            self.runs[-1] = (keys[sort], high[sort], ordinals[sort])
 
     def _describe(self, ordinal: int) -> dict:
         chunk = bisect.bisect_right(self._info_starts, ordinal) - 1
@@ -240,10 +264,33 @@ class DigestClaims:
                 "split": (*SPLITS, "other")[int(splits[k])]}
 
 
-#: A record as the writer takes it: (utterance_id, transcript, audio_path, audio_bytes,
-#: speaker_id, duration_s, transcript code points, offset_s). ``offset_s`` is None for a whole
-#: file; for a segment ``duration_s`` is the segment's (see :class:`~asr_assets.records.Record`).
-RecordTuple = tuple
+def _take(values: Sequence, rows: Sequence[int]) -> list:
+    """``[values[i] for i in rows]`` (at C speed)."""
+    return list(map(values.__getitem__, rows))
+
+
+@dataclass
+class SplitRecords:
+    """One split's share of a manifest batch, in row order: its records as columns and its
+    Rejections, each with the row of the batch it comes from (so a cap can cut both at one row).
+    """
+
+    records: RecordColumns
+    rows: list[int]
+    rejections: list[Rejection] = field(default_factory=list)
+    rejection_rows: list[int] = field(default_factory=list)
+
+    def head(self, count: int) -> "SplitRecords":
+        """The first ``count`` records (1 to ``len(rows)``) and the rejections of the rows before
+        the last of them (what a cap reached at that record keeps)."""
+        last = self.rows[count - 1]
+        kept = bisect.bisect_left(self.rejection_rows, last)
+        r = self.records
+        records = RecordColumns(r.utterance_id[:count], r.transcript[:count], r.audio_path[:count],
+                                r.speaker_id[:count], r.duration_s[:count], r.chars[:count],
+                                None if r.audio_bytes is None else r.audio_bytes[:count],
+                                None if r.offset_s is None else r.offset_s[:count])
+        return SplitRecords(records, self.rows[:count], self.rejections[:kept], self.rejection_rows[:kept])
 
 
 class BatchRecordBuilder:
@@ -274,9 +321,9 @@ class BatchRecordBuilder:
             split = self._split_of[key] = assign_split(key, self.config)
         return split
 
-    def build(self, batch: ManifestBatch, wanted: set[str], fixed_split: str | None = None) -> dict[str, list]:
+    def build(self, batch: ManifestBatch, wanted: set[str], fixed_split: str | None = None) -> dict[str, SplitRecords]:
         """Claim every row's utterance id and turn the rows of the ``wanted`` splits into, per
-        split and in row order, record tuples (:data:`RecordTuple`) and Rejections."""
+        split and in row order, records (as columns) and Rejections (:class:`SplitRecords`)."""
         n = len(batch)
         rn, fr = batch.row_number, batch.file_row
         paths = batch.audio_path
@@ -284,41 +331,43 @@ class BatchRecordBuilder:
         speakers = batch.speaker_id
         if fixed_split is not None:
             splits = [fixed_split] * n
-        else:
-            split_of = self._split
-            splits = [split_of(s or k) for s, k in zip(speakers, keys)]
+        else:  # the remembered split of each key; assign_split for the others
+            split_keys = [s or k for s, k in zip(speakers, keys)]
+            splits = list(map(self._split_of.get, split_keys))
+            for i in [i for i, split in enumerate(splits) if split is None]:
+                splits[i] = self._split(split_keys[i])
         firsts = self.claims.claim(keys, batch.manifest_path, rn, fr, splits)
-        out: dict[str, list] = {s: [] for s in wanted}
         if not wanted:
-            return out
+            return {}
         config, roots = self.config, self.roots
         blobs = batch.audio_bytes or [None] * n
         audio_errors = batch.audio_error or [None] * n
         transcripts = batch.transcript
         candidates = [i for i in range(n) if splits[i] in wanted and firsts[i] is None and transcripts[i]]
-        texts, counts = normalize_and_count([transcripts[i] for i in candidates], lowercase=config.lowercase)
-        normalized: dict[int, str] = dict(zip(candidates, texts))
-        count_row = {i: k for k, i in enumerate(candidates)}
-        source, manifest = batch.source, batch.manifest_path
+        normalized, counts = _normalize_and_count(_take(transcripts, candidates), lowercase=config.lowercase)
+        count_row = np.full(n, -1, dtype=np.int64)  # row -> its index in normalized / counts
+        count_row[candidates] = np.arange(len(candidates))
+        has_text = np.zeros(n, dtype=bool)
+        has_text[candidates] = counts["chars"] > 0
+        has_text = has_text.tolist()
+        manifest = batch.manifest_path
         t_err, d_err = batch.transcript_error, batch.duration_error
         durations = batch.duration_s
         offsets, o_err = batch.offset_s or [None] * n, batch.offset_error
-        pending: list[tuple[list, int, int, float | None]] = []  # (sink, index in it, row, duration or None: probe)
+        rejected: list[tuple[int, str, str, str, dict | None]] = []  # (row, split, stage, reason, duplicate_of)
+        pending: list[int] = []  # rows past the per-row checks, then the filters
+        seconds: list[float | None] = []  # their durations (None: to be probed)
         stat, limit = os.stat, config.max_audio_file_bytes
         require_bytes, require_readable = config.require_audio_bytes, config.require_readable_audio
         for i in range(n):
             split = splits[i]
             if split not in wanted:
                 continue
-            sink = out[split]
             if firsts[i] is not None:
-                sink.append(self._reject(batch, keys, i, split, "manifest", f"duplicate utterance_id {keys[i]!r}",
-                                         firsts[i]))
+                rejected.append((i, split, "manifest", f"duplicate utterance_id {keys[i]!r}", firsts[i]))
                 continue
-            transcript = normalized.get(i)
-            if not transcript:
-                sink.append(self._reject(batch, keys, i, split, "manifest",
-                                         (t_err[i] if t_err else None) or "no transcript"))
+            if not has_text[i]:
+                rejected.append((i, split, "manifest", (t_err[i] if t_err else None) or "no transcript", None))
                 continue
             path, blob, audio_error = paths[i], blobs[i], audio_errors[i]
             outside = roots is not None and path is not None and not _inside(path, roots)
@@ -348,63 +397,77 @@ class BatchRecordBuilder:
                           f"{limit / 2**20:.4g} MiB limit (max_blob_mb)")
             elif d_err and d_err[i]:
                 reason = d_err[i]
+            elif o_err and o_err[i]:
+                reason = o_err[i]
             if reason is not None:
-                sink.append(self._reject(batch, keys, i, split, "manifest", reason))
+                rejected.append((i, split, "manifest", reason, None))
                 continue
             duration, offset = durations[i], offsets[i]
-            if o_err and o_err[i]:
-                sink.append(self._reject(batch, keys, i, split, "manifest", o_err[i]))
-                continue
             if offset is not None:  # a segment: records.build_records' checks, same reasons
                 if not math.isfinite(offset) or offset < 0:
-                    sink.append(self._reject(batch, keys, i, split, "manifest", (
+                    rejected.append((i, split, "manifest", (
                         f"segment offset {offset!r} s is {'negative' if offset < 0 else 'not finite'}: "
-                        "an offset counts seconds from the start of the audio file (>= 0)")))
+                        "an offset counts seconds from the start of the audio file (>= 0)"), None))
                     continue
                 if duration is None or not duration > 0:
-                    sink.append(self._reject(batch, keys, i, split, "manifest", (
+                    rejected.append((i, split, "manifest", (
                         f"segment at offset {offset:.6g} s has no positive duration "
                         f"({'none given' if duration is None else repr(duration)}): a segment needs its "
-                        "own duration (the file's header would give the whole file's)")))
+                        "own duration (the file's header would give the whole file's)"), None))
                     continue
             if duration is None or duration <= 0:
                 if self.probe_many is None:
-                    sink.append(self._reject(batch, keys, i, split, "manifest", "no duration"))
+                    rejected.append((i, split, "manifest", "no duration", None))
                     continue
                 duration = None
-            pending.append((sink, len(sink), i, duration))
-            sink.append(None)
-        probes = [k for k, (_, _, _, d) in enumerate(pending) if d is None]
+            pending.append(i)
+            seconds.append(duration)
+        probes = [k for k, d in enumerate(seconds) if d is None]
         if probes:
-            results = self.probe_many([batch.row(pending[k][2]) for k in probes])
+            results = self.probe_many([batch.row(pending[k]) for k in probes])
             for k, result in zip(probes, results):
-                sink, at, i, _ = pending[k]
                 if isinstance(result, BaseException):
-                    sink[at] = self._reject(batch, keys, i, splits[i], "probe",
-                                            f"cannot read duration from audio header: {result}")
-                    pending[k] = None  # type: ignore[call-overload]
+                    i = pending[k]
+                    rejected.append((i, splits[i], "probe", f"cannot read duration from audio header: {result}", None))
+                    pending[k] = -1
                 else:
-                    pending[k] = (sink, at, i, float(result))
-        pending = [p for p in pending if p is not None]
-        if not pending:
-            return out
-        rows = [count_row[i] for _, _, i, _ in pending]
-        seconds = np.array([d for _, _, _, d in pending], dtype=np.float64)
-        passed = _passes(seconds, {name: values[rows] for name, values in counts.items()}, config)
+                    seconds[k] = float(result)
+            seconds = [d for d, i in zip(seconds, pending) if i >= 0]
+            pending = [i for i in pending if i >= 0]
+        rows = count_row[pending]
+        passed = _passes(np.array(seconds, dtype=np.float64), {name: values[rows] for name, values in counts.items()},
+                         config).tolist()
         chars = counts["chars"]
-        for (sink, at, i, duration), ok in zip(pending, passed.tolist()):
-            k = count_row[i]
+        accepted: dict[str, list[int]] = {s: [] for s in wanted}
+        kept_seconds: dict[str, list[float]] = {s: [] for s in wanted}
+        for i, duration, ok in zip(pending, seconds, passed):
             if ok:
-                sink[at] = (keys[i], normalized[i], paths[i], blobs[i], speakers[i], duration, int(chars[k]), offsets[i])
+                accepted[splits[i]].append(i)
+                kept_seconds[splits[i]].append(duration)
                 continue
             if not math.isfinite(duration):
-                sink[at] = self._reject(batch, keys, i, splits[i], "filter", f"duration {duration!r} is not finite")
+                rejected.append((i, splits[i], "filter", f"duration {duration!r} is not finite", None))
                 continue
+            k = int(count_row[i])
             reason = filter_reason(int(chars[k]), int(counts["symbols"][k]), int(counts["alnum"][k]),
                                    int(counts["nonspace"][k]), int(counts["words"][k]), duration, config)
             if reason is None:  # cannot happen: _passes is filter_reason's "None"
                 raise AssertionError(f"filters disagree on row {rn[i]} of {manifest}")
-            sink[at] = self._reject(batch, keys, i, splits[i], "filter", reason)
+            rejected.append((i, splits[i], "filter", reason, None))
+        rejected.sort(key=lambda r: r[0])  # each row gives at most one: row order
+        out: dict[str, SplitRecords] = {}
+        for split in wanted:
+            picked = accepted[split]
+            at = count_row[picked]
+            records = RecordColumns(
+                utterance_id=_take(keys, picked), transcript=normalized.gather(at), audio_path=_take(paths, picked),
+                speaker_id=_take(speakers, picked), duration_s=kept_seconds[split], chars=chars[at],
+                audio_bytes=_take(batch.audio_bytes, picked) if batch.audio_bytes else None,
+                offset_s=_take(batch.offset_s, picked) if batch.offset_s else None)
+            mine = [r for r in rejected if r[1] == split]
+            out[split] = SplitRecords(records, picked,
+                                      [self._reject(batch, keys, i, split, stage, reason, first)
+                                       for i, _, stage, reason, first in mine], [r[0] for r in mine])
         return out
 
     @staticmethod
@@ -436,5 +499,5 @@ def _passes(duration: np.ndarray, counts: dict[str, np.ndarray], config: RecordC
     return ok
 
 
-__all__ = ["BatchRecordBuilder", "DigestClaims", "filter_reason", "normalize_and_count", "normalize_transcripts",
+__all__ = ["BatchRecordBuilder", "DigestClaims", "SplitRecords", "filter_reason", "normalize_and_count", "normalize_transcripts",
            "transcript_counts"]

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+import polars as pl
 
 from . import storage
 from ._fs import atomic_write_bytes, file_lock, remove_stale_tmp, tmp_path_for
@@ -196,6 +197,89 @@ def _json_number(value: float) -> str:
     return float.__repr__(value) if type(value) is float and math.isfinite(value) else json.dumps(value)
 
 
+@dataclass
+class RecordColumns:
+    """Records as columns, in store order: what :meth:`RecordCacheWriter.add_columns` takes.
+
+    String columns are lists or polars ``String`` series (``audio_path`` and ``speaker_id`` may
+    hold None); ``duration_s`` (seconds; a segment's own) and ``chars`` (code points of the
+    normalized transcript) are sequences or numpy arrays. ``audio_bytes`` and ``offset_s`` are
+    None when no record has a value (``offset_s`` per record None for a whole file, else the
+    line gets the :data:`SEGMENT_KEYS`).
+    """
+
+    utterance_id: Sequence[str]
+    transcript: Sequence[str]
+    audio_path: Sequence[str | None]
+    speaker_id: Sequence[str | None]
+    duration_s: Sequence[float]
+    chars: Sequence[int]
+    audio_bytes: Sequence[bytes | None] | None = None
+    offset_s: Sequence[float | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.utterance_id)
+
+    @classmethod
+    def from_tuples(cls, records: Sequence[tuple]) -> "RecordColumns":
+        """From tuples ``(utterance_id, transcript, audio_path, audio_bytes, speaker_id,
+        duration_s, transcript code points, offset_s)``."""
+        ids, transcripts, paths, blobs, speakers, durations, chars, offsets = (list(c) for c in zip(*records))
+        return cls(ids, transcripts, paths, speakers, durations, chars,
+                   blobs if any(b is not None for b in blobs) else None,
+                   offsets if any(o is not None for o in offsets) else None)
+
+
+#: ``json.encoder.encode_basestring`` as literal replacements (``ensure_ascii=False``: only
+#: ``"``, ``\\`` and the C0 controls are escaped; short forms for ``\b \f \n \r \t``).
+_JSON_ESCAPES: dict[str, str] = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t",
+                                 "\b": "\\b", "\f": "\\f",
+                                 **{chr(c): f"\\u{c:04x}" for c in range(32) if chr(c) not in "\n\r\t\b\f"}}
+
+
+def _json_string_expr(column: str) -> pl.Expr:
+    """:func:`_json` of each value of a String column: ``null`` or the escaped, quoted string."""
+    col = pl.col(column)
+    quoted = pl.concat_str([pl.lit('"'), col.str.replace_many(list(_JSON_ESCAPES), list(_JSON_ESCAPES.values())),
+                            pl.lit('"')])
+    return pl.when(col.is_null()).then(pl.lit("null")).otherwise(quoted)
+
+
+def _jsonl_lines(records: RecordColumns, blob_paths: list[str | None] | None) -> pl.Series:
+    """The JSONL line (``\\n`` included) of every record, as :meth:`RecordCacheWriter.add` formats
+    it: the keys of :func:`write_record_cache` in its order, values as ``json.dumps`` writes them."""
+    n = len(records)
+    frame = pl.DataFrame({
+        "audio_path": pl.Series(records.audio_path, dtype=pl.String),
+        "audio_blob_path": pl.Series(blob_paths if blob_paths is not None else [None] * n, dtype=pl.String),
+        "transcript": pl.Series(records.transcript, dtype=pl.String),
+        "utterance_id": pl.Series(records.utterance_id, dtype=pl.String),
+        "speaker_id": pl.Series(records.speaker_id, dtype=pl.String),
+        "segment": pl.Series(_segment_suffixes(records), dtype=pl.String),
+    })
+    line = pl.concat_str([
+        pl.lit('{"audio_path": '), _json_string_expr("audio_path"),
+        pl.lit(', "audio_blob_path": '), _json_string_expr("audio_blob_path"),
+        pl.lit(', "transcript": '), _json_string_expr("transcript"),
+        pl.lit(', "utterance_id": '), _json_string_expr("utterance_id"),
+        pl.lit(', "speaker_id": '), _json_string_expr("speaker_id"),
+        pl.lit(', "has_speaker_id": '), pl.when(pl.col("speaker_id").is_null()).then(pl.lit("false")).otherwise(pl.lit("true")),
+        pl.col("segment").fill_null(""), pl.lit("}\n"),
+    ])
+    return frame.select(line=line).to_series()
+
+
+def _segment_suffixes(records: RecordColumns) -> list[str | None]:
+    """Per record the :data:`SEGMENT_KEYS` part of its line (None for a whole file); Python's
+    float repr, so the numbers are those ``json.dumps`` writes."""
+    if records.offset_s is None:
+        return [None] * len(records)
+    durations = records.duration_s.tolist() if isinstance(records.duration_s, np.ndarray) else records.duration_s
+    return [None if offset is None else
+            f', "offset_seconds": {_json_number(offset)}, "duration_seconds": {_json_number(duration)}'
+            for offset, duration in zip(records.offset_s, durations)]
+
+
 class RecordCacheWriter:
     """One split's record store written batch by batch; the files are those of
     :func:`write_record_cache` for the same records, byte for byte.
@@ -243,45 +327,54 @@ class RecordCacheWriter:
         """Append records, each ``(utterance_id, transcript, audio_path, audio_bytes, speaker_id,
         duration_s, transcript code points, offset_s)`` (the transcript normalized; str ids;
         ``offset_s`` None for a whole file, else the line gets the :data:`SEGMENT_KEYS`)."""
-        if not records:
+        if records:
+            self.add_columns(RecordColumns.from_tuples(records))
+
+    def add_columns(self, records: "RecordColumns") -> None:
+        """Append records given as columns (:class:`RecordColumns`); the same bytes as :meth:`add`
+        of their tuples.
+
+        The JSONL lines are built as polars string expressions (:func:`_jsonl_lines`), the
+        sidecars with numpy: no Python object per record apart from blobs and segment floats.
+        """
+        n = len(records)
+        if not n:
             return
-        lines, offsets = [], []
-        position, summary = self._position, self.summary
-        seconds = summary.audio_seconds
-        for utterance_id, transcript, audio_path, audio_bytes, speaker_id, duration, _, offset in records:
-            blob_path = None
-            if audio_bytes is not None and not (audio_path and os.path.isfile(audio_path)):
-                blob_path = write_blob(self.path, audio_bytes)
-                summary.blobs += 1
-            line = (f'{{"audio_path": {_json(audio_path)}, "audio_blob_path": {_json(blob_path)}, '
-                    f'"transcript": {encode_basestring(transcript)}, "utterance_id": {encode_basestring(utterance_id)}, '
-                    f'"speaker_id": {_json(speaker_id)}, "has_speaker_id": {"false" if speaker_id is None else "true"}'
-                    + ("}\n" if offset is None else  # a segment (see SEGMENT_KEYS)
-                       f', "offset_seconds": {_json_number(offset)}, "duration_seconds": {_json_number(duration)}}}\n')
-                    ).encode("utf-8")
-            offsets.append(position)
-            position += len(line)
-            lines.append(line)
-            seconds += duration
-        data = b"".join(lines)
+        summary = self.summary
+        blob_paths = None
+        if records.audio_bytes is not None:  # embedded audio kept as a blob unless a readable local file exists
+            blob_paths = [None] * n
+            for k, (audio_path, audio_bytes) in enumerate(zip(records.audio_path, records.audio_bytes)):
+                if audio_bytes is not None and not (audio_path and os.path.isfile(audio_path)):
+                    blob_paths[k] = write_blob(self.path, audio_bytes)
+                    summary.blobs += 1
+        # large_string: the lines are one UTF-8 buffer (the JSONL bytes) and their int64 ends
+        lines = _jsonl_lines(records, blob_paths).to_arrow(compat_level=pl.CompatLevel.oldest())
+        _, ends_buffer, text = lines.buffers()
+        ends = np.frombuffer(ends_buffer, dtype=np.int64, count=n + 1, offset=lines.offset * 8)
+        data = text[int(ends[0]):int(ends[-1])]
+        offsets = ends[:-1] - ends[0] + self._position
         self._handle.write(data)
         self._digest.update(data)
-        self._position = position
-        durations = [r[5] for r in records]
-        summary.durations_s.extend(durations)
-        summary.utterances += len(records)
+        self._position += data.size
+        durations = np.asarray(records.duration_s, dtype=np.float64)
+        seconds = summary.audio_seconds
+        for duration in durations.tolist():  # in record order, as the per-record writer adds them
+            seconds += duration
         summary.audio_seconds = seconds
-        num_samples = [max(1, round(d * 16000)) for d in durations]
+        summary.durations_s.frombytes(durations.tobytes())
+        summary.utterances += n
+        num_samples = np.maximum(1, np.rint(durations * 16000)).astype(np.int64)  # max(1, round(d * 16000))
         columns = {
             ".offsets.u64": offsets,
-            ".estimated_frames.u32": [max(n, 400) // 160 + 1 for n in num_samples],
+            ".estimated_frames.u32": np.maximum(num_samples, 400) // 160 + 1,
             ".num_samples.u64": num_samples,
-            ".sample_rates.u32": [16000] * len(records),
-            ".transcript_lengths.u32": [r[6] for r in records],
-            ".token_lengths.u32": [0] * len(records),
+            ".sample_rates.u32": np.full(n, 16000, dtype=np.int64),
+            ".transcript_lengths.u32": np.asarray(records.chars, dtype=np.int64),
+            ".token_lengths.u32": np.zeros(n, dtype=np.int64),
         }
         for suffix, (handle, dtype) in self._sidecars.items():
-            handle.write(np.asarray(columns[suffix], dtype=np.int64).clip(0).astype(dtype).tobytes())
+            handle.write(columns[suffix].clip(0).astype(dtype).tobytes())
 
     def close(self) -> WriteSummary:
         """Sync and rename everything into place; returns the summary (``sha256`` of the JSONL)."""

@@ -8,11 +8,13 @@ batches and read blocks small enough to cut through everything."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -79,6 +81,26 @@ def test_digest_claims_first_row_wins_across_batches():
                 expected.append(None)
     assert got == expected and claims.count == len(first)
     assert len(claims.runs) < 12  # merged, not one run per batch
+
+
+def test_digest_claims_exact_when_digests_share_their_first_eight_bytes(monkeypatch):
+    # Look-ups go by the first 8 bytes first; digests that share them must still be told apart.
+    def digests(keys):
+        return np.frombuffer(b"".join(b"\0" * 8 + hashlib.blake2b(k.encode(), digest_size=8).digest() for k in keys),
+                             dtype="S16")
+
+    monkeypatch.setattr(DigestClaims, "digests", staticmethod(digests))
+    rng = random.Random(4)
+    keys = [f"id{rng.randrange(500)}" for _ in range(3000)]
+    claims, first, expected, got = DigestClaims(), {}, [], []
+    for start in range(0, len(keys), 101):
+        chunk = keys[start:start + 101]
+        rows = list(range(start + 1, start + 1 + len(chunk)))
+        got += claims.claim(chunk, "m.tsv", rows, rows, ["train"] * len(chunk))
+        for key, row in zip(chunk, rows):
+            expected.append(first.get(key))
+            first.setdefault(key, {"manifest": "m.tsv", "row": row, "line": row, "split": "train"})
+    assert got == expected and claims.count == len(first)
 
 
 def _adversarial_corpus(root: Path, rng: random.Random) -> None:
