@@ -40,6 +40,8 @@ Hostile input costs as little as the format allows:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
 import hashlib
 import os
@@ -163,9 +165,53 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+#: ``{folder: walk}`` inside :func:`one_walk_per_folder`, else None.
+_WALKS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("asr_assets_manifest_walks", default=None)
+
+
+@contextlib.contextmanager
+def one_walk_per_folder(walks: dict | None = None) -> Iterator[dict]:
+    """Within the block, each manifest folder is walked once: :func:`manifest_fingerprint` and
+    :func:`scan_manifests` reuse the first walk of a folder, so a record-cache build lists an
+    audio folder of millions of files once (not once to fingerprint, once to read), and the
+    fingerprint it records describes exactly the files it read.
+
+    Args:
+        walks: the dict yielded by an enclosing block (e.g. of a parent process, whose walks
+            are then reused); None starts empty.
+
+    Yields:
+        ``{folder: walk}``, filled as folders are walked (picklable).
+    """
+    memo = {} if walks is None else walks
+    token = _WALKS.set(memo)
+    try:
+        yield memo
+    finally:
+        _WALKS.reset(token)
+
+
 def _walk_manifests(root: Path) -> tuple[list[tuple[Path, os.stat_result]], list[tuple[str, str]]]:
     """Every regular file with a manifest suffix below ``root`` (symlinks to files followed,
-    symlinks to folders not descended, as ``Path.rglob``), and what could not be listed."""
+    symlinks to folders not descended, as ``Path.rglob``), and what could not be listed; inside
+    :func:`one_walk_per_folder`, the first walk of ``root`` there."""
+    memo = _WALKS.get()
+    if memo is None:
+        return _walk(root)
+    key = os.path.realpath(root)
+    if key not in memo:
+        memo[key] = (str(root), _walk(root))
+    walked, (found, problems) = memo[key]
+    if walked == str(root):
+        return found, problems
+
+    def rebased(path: str) -> str:  # the same folder named another way (relative, through a symlink)
+        return os.path.join(str(root), os.path.relpath(path, walked))
+
+    return ([(Path(rebased(str(p))), st) for p, st in found], [(rebased(p), reason) for p, reason in problems])
+
+
+def _walk(root: Path) -> tuple[list[tuple[Path, os.stat_result]], list[tuple[str, str]]]:
     problems: list[tuple[str, str]] = []
     found: list[tuple[Path, os.stat_result]] = []
 

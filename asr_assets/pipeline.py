@@ -41,8 +41,8 @@ from .audio import probe_duration
 from .extraction import ExtractionConfig, ShardStats, extract_shards
 from .frontends import Frontend
 from .logs import TRACE, trace
-from .manifest_batches import ManifestProblem, iter_manifest_batches
-from .manifests import ManifestRow
+from .manifest_batches import ManifestProblem, read_ahead_manifest_batches
+from .manifests import ManifestRow, one_walk_per_folder
 from .record_batches import BatchRecordBuilder, SplitRecords
 from .record_cache import RecordCacheWriter, RecordStore, WriteSummary
 from .records import RecordConfig, Rejection
@@ -508,7 +508,7 @@ def build_record_caches(settings: Settings, splits: Sequence[str] = SPLITS, *,
                         progress_level: int = logging.DEBUG) -> dict[str, RecordCacheResult]:
     """Build every split of ``splits`` that is not up to date, reading each manifest once for all.
 
-    One pass streams every manifest in batches (:func:`~asr_assets.manifest_batches.iter_manifest_batches`),
+    One pass streams every manifest in batches (:func:`~asr_assets.manifest_batches.iter_manifest_batches`, parsed by a child process for large manifests: :func:`~asr_assets.manifest_batches.read_ahead_manifest_batches`),
     normalizes and filters each batch (:class:`~asr_assets.record_batches.BatchRecordBuilder`),
     assigns each row its split and appends it to that split's writer (one
     :class:`~asr_assets.record_cache.RecordCacheWriter` per split open at once). Memory stays flat
@@ -548,8 +548,8 @@ def _record_caches(settings: Settings, splits: Sequence[str], also: Sequence[str
     folder = settings.record_cache_path(SPLITS[0]).parent
     lock = (storage.ObjectLock(storage.join(str(folder), "build.lock")) if storage.is_url(folder)
             else file_lock(folder / "build.lock"))
-    with lock:
-        prints = _manifest_prints(settings)  # one walk of each source for every split
+    with lock, one_walk_per_folder():  # one walk of each source: to fingerprint it and to read it
+        prints = _manifest_prints(settings)
         inputs = {split: record_cache_inputs(settings, split, _prints=prints) for split in SPLITS}
         stale = []
         for split in dict.fromkeys([*splits, *also]):
@@ -598,9 +598,10 @@ def _build_splits(settings: Settings, stale: list[str], inputs: dict, log, progr
                 break
             try:
                 read_bytes = any(states[s].open for s in fed)
-                for item in iter_manifest_batches(sources, source_base=settings.source_base,
-                                                  max_blob_bytes=settings.max_blob_bytes if read_bytes else None,
-                                                  read_audio_bytes=read_bytes):
+                for item in read_ahead_manifest_batches(
+                        sources, source_base=settings.source_base,
+                        max_blob_bytes=settings.max_blob_bytes if read_bytes else None, read_audio_bytes=read_bytes,
+                        stat_audio=builder.roots is None):  # confined: nothing outside the roots is stat-ed
                     if isinstance(item, ManifestProblem):
                         for split in fed:
                             if states[split].open:

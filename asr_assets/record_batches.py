@@ -253,7 +253,10 @@ class DigestClaims:
         while len(self.runs) > 1 and len(self.runs[-1][0]) * 2 >= len(self.runs[-2][0]):
             (k1, h1, o1), (k2, h2, o2) = self.runs[-2], self.runs.pop()
             keys, high, ordinals = np.concatenate([k1, k2]), np.concatenate([h1, h2]), np.concatenate([o1, o2])
-            sort = np.lexsort((_halves(keys)[1], high))
+            sort = np.argsort(high, kind="stable")  # timsort: a linear merge of the two sorted runs
+            merged = high[sort]
+            if np.any(merged[1:] == merged[:-1]):  # digests sharing their first 8 bytes: order them by all 16
+                sort = np.lexsort((_halves(keys)[1], high))
             self.runs[-1] = (keys[sort], high[sort], ordinals[sort])
 
     def _describe(self, ordinal: int) -> dict:
@@ -357,7 +360,7 @@ class BatchRecordBuilder:
         rejected: list[tuple[int, str, str, str, dict | None]] = []  # (row, split, stage, reason, duplicate_of)
         pending: list[int] = []  # rows past the per-row checks, then the filters
         seconds: list[float | None] = []  # their durations (None: to be probed)
-        stat, limit = os.stat, config.max_audio_file_bytes
+        stat, limit, sizes = os.stat, config.max_audio_file_bytes, batch.audio_size
         require_bytes, require_readable = config.require_audio_bytes, config.require_readable_audio
         for i in range(n):
             split = splits[i]
@@ -374,6 +377,8 @@ class BatchRecordBuilder:
             remote = path is not None and "://" in path and is_url(path)  # s3://, https://, ...: never stat-ed
             if outside or path is None or remote:
                 local_size = None
+            elif sizes is not None:  # stat-ed by the manifest reader
+                local_size = sizes[i]
             else:  # records._local_file_size, inlined
                 try:
                     st = stat(path)

@@ -19,8 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from asr_assets import manifest_batches, pipeline
-from asr_assets.manifest_batches import ManifestBatch, ManifestProblem, iter_manifest_batches
+from asr_assets import manifest_batches, manifests, pipeline
+from asr_assets.errors import ManifestError
+from asr_assets.manifest_batches import ManifestBatch, ManifestProblem, iter_manifest_batches, read_ahead_manifest_batches
 from asr_assets.manifests import iter_manifest_rows
 from asr_assets.pipeline import DurationProbe, build_record_caches
 from asr_assets.record_batches import DigestClaims, filter_reason, normalize_and_count
@@ -235,9 +236,12 @@ def _outputs(settings: Settings, splits=SPLITS) -> dict[str, bytes]:
     return out
 
 
-def _compare(tmp_path: Path, name: str, monkeypatch, splits=SPLITS, **fields) -> dict[str, bytes]:
-    monkeypatch.setattr(pipeline, "iter_manifest_batches",
-                        functools.partial(iter_manifest_batches, batch_rows=7, block_bytes=97))
+def _compare(tmp_path: Path, name: str, monkeypatch, splits=SPLITS, reader_process=False, **fields) -> dict[str, bytes]:
+    """Build with batches of 7 rows and 97-byte blocks, the manifests parsed in this process or
+    (``reader_process``) by a reader process, and compare every file with the reference's."""
+    monkeypatch.setattr(pipeline, "read_ahead_manifest_batches",
+                        functools.partial(read_ahead_manifest_batches, batch_rows=7, block_bytes=97,
+                                          min_bytes=0 if reader_process else 2**62))
     new = Settings(output=str(tmp_path / f"{name}-new"), **fields)
     ref = Settings(output=str(tmp_path / f"{name}-ref"), **fields)
     results = build_record_caches(new, splits)
@@ -253,15 +257,17 @@ def _compare(tmp_path: Path, name: str, monkeypatch, splits=SPLITS, **fields) ->
     return got
 
 
-def test_in_repo_manifests_byte_identical_to_the_reference(tmp_path, test_data, monkeypatch):
+@pytest.mark.parametrize("reader_process", [False, True], ids=["in_process", "reader_process"])
+def test_in_repo_manifests_byte_identical_to_the_reference(tmp_path, test_data, monkeypatch, reader_process):
     sources = (*bundled_sample_manifests(), str(test_data / "formats"), str(test_data / "broken"),
                str(test_data / "en_hf"), str(test_data / "nl_cv"))
-    got = _compare(tmp_path, "repo", monkeypatch, manifests=sources, max_blob_mb=0.25)
+    got = _compare(tmp_path, "repo", monkeypatch, manifests=sources, max_blob_mb=0.25, reader_process=reader_process)
     assert sum(len(v.splitlines()) for k, v in got.items() if k.endswith(".jsonl")) > 20
     assert b"cannot read duration" in got["report-train"] + got["report-validation"] + got["report-test"]
 
 
-@pytest.mark.parametrize("case", ["default", "lowercase_confined_capped", "external_validation"])
+@pytest.mark.parametrize("case", ["default", "default_reader_process", "lowercase_confined_capped",
+                                  "external_validation"])
 def test_adversarial_manifests_byte_identical_to_the_reference(tmp_path, monkeypatch, case):
     rng = random.Random(11)
     _adversarial_corpus(tmp_path / "corpus", rng)
@@ -274,7 +280,8 @@ def test_adversarial_manifests_byte_identical_to_the_reference(tmp_path, monkeyp
                    "require_readable_audio": False}
     if case == "external_validation":
         fields |= {"manifests": (str(tmp_path / "hf"),), "validation_manifests": (str(tmp_path / "corpus"),)}
-    got = _compare(tmp_path, case, monkeypatch, **fields)
+    got = _compare(tmp_path, case, monkeypatch, reader_process=case.endswith("reader_process"), **fields)
+    case = case.removesuffix("_reader_process")
     reports = b"".join(v for k, v in got.items() if k.startswith("report-"))
     if case == "lowercase_confined_capped":
         assert b"outside the allowed roots" in reports and got["train.jsonl"].count(b"\n") == 5
@@ -345,10 +352,36 @@ def test_pooled_probing_matches_the_per_row_probe(tmp_path, test_data):
 
 def test_one_pass_reads_each_manifest_once_and_a_second_build_reads_none(tmp_path, monkeypatch):
     settings = Settings(manifests=bundled_sample_manifests(), output=str(tmp_path / "out"))
-    opened = []
-    real = manifest_batches.scan_manifests
-    monkeypatch.setattr(manifest_batches, "scan_manifests", lambda root: opened.append(root) or real(root))
+    files = [str(p) for source in settings.manifests for p in manifests.scan_manifests(source).files]
+    opened, walked = [], []
+    for name in ("_tsv_batches", "_parquet_batches"):
+        real = getattr(manifest_batches, name)
+        monkeypatch.setattr(manifest_batches, name, functools.partial(
+            lambda real, path, *a, **k: opened.append(str(path)) or real(path, *a, **k), real))
+    real_walk = manifests._walk
+    monkeypatch.setattr(manifests, "_walk", lambda root: walked.append(str(root)) or real_walk(root))
     first = pipeline.build_record_cache(settings, "validation")
-    assert len(opened) == len(settings.manifests) and not first.up_to_date
+    assert sorted(opened) == sorted(files) and not first.up_to_date
+    folders = [s for s in settings.manifests if Path(s).is_dir()]
+    assert sorted(walked) == sorted(folders)  # one walk per folder: fingerprinted and read from it
     assert all(pipeline.build_record_cache(settings, s).up_to_date for s in SPLITS)  # built in the same pass
-    assert len(opened) == len(settings.manifests)
+    assert sorted(opened) == sorted(files)
+
+
+def test_reader_process_stops_the_build_loudly_when_it_dies(tmp_path, monkeypatch):
+    """A reader process that exits without its end message (killed, out of memory) raises
+    ManifestError naming its exit code; a source the reader cannot open raises the same error
+    as in this process."""
+    rng = random.Random(3)
+    _adversarial_corpus(tmp_path / "corpus", rng)
+    sources = [str(tmp_path / "corpus")]
+    with pytest.raises(ManifestError, match="does not exist") as in_process:
+        list(iter_manifest_batches([str(tmp_path / "missing")]))
+    with pytest.raises(ManifestError, match="does not exist") as child:
+        list(read_ahead_manifest_batches([str(tmp_path / "missing")], min_bytes=0))
+    assert str(child.value) == str(in_process.value)
+    first = next(read_ahead_manifest_batches(sources, min_bytes=0))  # stopped after one item: no hang
+    assert repr(first) == repr(next(iter_manifest_batches(sources)))  # repr: exceptions compare by identity
+    monkeypatch.setattr("sys.executable", shutil.which("false"))  # a child that exits 1 at once
+    with pytest.raises(ManifestError, match=r"reader process exited \(code 1\)"):
+        list(read_ahead_manifest_batches(sources, min_bytes=0))

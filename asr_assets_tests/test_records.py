@@ -201,7 +201,7 @@ def test_unchanged_inputs_rewrite_nothing_and_changes_rebuild(tmp_path, monkeypa
     first = build_record_cache(settings, "train")
     assert not first.up_to_date and first.summary.utterances > 0
     files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "out").rglob("*") if p.is_file()}
-    monkeypatch.setattr(pipeline, "iter_manifest_batches", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
+    monkeypatch.setattr(pipeline, "read_ahead_manifest_batches", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
     again = build_record_cache(settings, "train")
     assert again.up_to_date and again.summary.sha256 == first.summary.sha256
     assert again.summary.utterances == first.summary.utterances
