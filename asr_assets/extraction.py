@@ -708,6 +708,22 @@ class _Worker:
         return f"exit status {code}"
 
 
+#: Modules the fork server imports once, so every worker it forks has them.
+WORKER_PRELOAD = ("asr_assets.extraction", "av", "scipy.fft", "scipy.linalg.blas")
+
+
+def start_fork_server() -> None:
+    """Start the fork server that forks the feature workers now, from the calling (main) thread,
+    rather than when the first pool spawns a worker: its imports of :data:`WORKER_PRELOAD`
+    (~0.5 s) then run in their own process beside the caller's start-up (Dagster's import and
+    instance, the record cache) instead of before the first utterance. Idempotent; the server
+    exits with this process. ``asr-assets materialize`` calls it when a run will featurize."""
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_PRELOAD))
+    forkserver.ensure_running()
+
+
 class _WorkerPool:
     """Worker processes made by a fork server that preloads this module (numpy, scipy, soundfile,
     soxr, PyAV), so each new worker is a cheap fork, not a fresh interpreter that imports
@@ -717,7 +733,7 @@ class _WorkerPool:
     def __init__(self, state: tuple):
         self.state = state
         self.context = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload(["asr_assets.extraction", "av", "scipy.fft", "scipy.linalg.blas"])
+        self.context.set_forkserver_preload(list(WORKER_PRELOAD))
         self._lifeline_r, self._lifeline_w = self.context.Pipe(duplex=False)
         self.workers: list[_Worker] = []
         self.started_any = False  # has any worker of this pool ever become ready?

@@ -298,6 +298,36 @@ def test_the_fork_server_outlives_the_thread_that_started_it(tmp_path):
     assert done.stdout.split() == ["True", "4", "4", "0"]  # same fork server; no worker was lost
 
 
+_STARTED_EARLY = """
+import sys
+from multiprocessing import forkserver
+from asr_assets.extraction import ExtractionConfig, extract_shards, start_fork_server
+from asr_assets.frontends.logmel import SQUEEZEFORMER_CONFIG, LogMelFrontend
+from asr_assets.record_cache import RecordStore
+store_path, root = sys.argv[1:]
+start_fork_server()
+first = forkserver._forkserver._forkserver_pid
+start_fork_server()
+again = forkserver._forkserver._forkserver_pid
+stats = extract_shards(RecordStore(store_path), root, LogMelFrontend("squeezeformer", SQUEEZEFORMER_CONFIG), [0],
+                       ExtractionConfig(workers=2, num_shards=1))
+print(first is not None, first == again == forkserver._forkserver._forkserver_pid, stats[0].computed,
+      len(stats[0].failures))
+"""
+
+
+def test_a_fork_server_started_early_is_the_one_the_workers_come_from(tmp_path, reference):
+    """``start_fork_server`` (what ``materialize`` calls before importing Dagster) starts one fork
+    server, once; the pool then forks its workers from it and computes the same payloads."""
+    store, _ = _store(tmp_path, "out", None)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", _STARTED_EARLY, str(store.path), str(tmp_path / "early")],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True", "12", "0"]
+    assert _payloads(tmp_path / "early") == reference
+
+
 class KillForkServerOnClip(LogMelFrontend):
     """squeezeformer whose worker SIGKILLs its parent, the fork server, the first time it meets a
     clip of ``kill_samples`` samples (``marker`` remembers it); every worker then dies with it."""
