@@ -430,6 +430,12 @@ def read_commit(jsonl_url: str) -> dict | None:
     return commit if isinstance(commit, dict) and commit.get("format") == COMMIT_FORMAT else None
 
 
+def record_cache_exists(jsonl) -> bool:
+    """Is there a built record cache at ``jsonl`` (a local path: the JSONL file; an object-store
+    URL: its commit object, which names the JSONL object, :func:`read_commit`)?"""
+    return read_commit(str(jsonl)) is not None if storage.is_url(jsonl) else Path(jsonl).is_file()
+
+
 def _staging_dir(stem: str) -> Path:
     """A new local folder (in the content cache's ``staging/``) where a remote store is written
     before its upload."""

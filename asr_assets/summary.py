@@ -45,7 +45,7 @@ from . import storage
 from .feature_cache import ShardedParquetFeatureCache, cache_key, shard_dir, shard_index
 from .frontends import Frontend
 from .pipeline import listed_failure_reports, read_shard_stats
-from .record_cache import RecordStore, read_commit
+from .record_cache import RecordStore, record_cache_exists
 from .settings import Settings
 
 #: Record-cache sample rate: ``num_samples`` sidecar entries are at 16 kHz (spec §1).
@@ -150,8 +150,7 @@ def summarize_split(settings: Settings, split: str, frontends: Sequence[Frontend
     summary = SplitSummary(split, rows_not_cached_by_stage=dict(_report_stages(settings.records_report_path(split))))
     path = settings.record_cache_path(split)
     ids: list[str] = []
-    # on an object store the JSONL object is named by its commit object (record_cache.read_commit)
-    if read_commit(str(path)) is not None if storage.is_url(path) else path.is_file():
+    if record_cache_exists(path):
         store = RecordStore(path)
         summary.utterances = len(store)
         samples = store.sidecars.get("num_samples")

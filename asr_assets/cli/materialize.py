@@ -399,13 +399,13 @@ def _records_reports(settings: Settings) -> tuple[dict[str, int], list[dict]]:
 
 
 def _print_summary(settings: Settings) -> None:
-    from ..record_cache import RecordStore, read_commit
+    from ..record_cache import RecordStore, record_cache_exists
 
     reports = settings.output_path / "reports"
     rejected, problems = _records_reports(settings)
     for split in SPLITS:
         path = settings.record_cache_path(split)
-        if read_commit(str(path)) is not None if is_url(path) else path.exists():
+        if record_cache_exists(path):
             print(f"  {split:<10} {len(RecordStore(path)):>7} records, {rejected.get(split, 0)} manifest rows not cached")
     for entry in problems[:5]:
         print(f"  manifest problem: {entry.get('error')}")
