@@ -236,3 +236,20 @@ def test_feature_runs_are_boxes_over_stretches_of_busy_shards():
     assert feature_ranges({"train": [0, 17], "test": [40]}) == [("00|train", "17|train"), ("40|test", "40|test")]
     assert feature_ranges(busy, merge_gap=63) == [("00|train", "41|test")]  # one run, as before
     assert feature_ranges({}) == []
+
+
+def test_feature_partition_keys_in_a_range_are_dagsters_own_and_computed_once():
+    """The memo behind ``add_asset_metadata``'s per-call range check gives Dagster's keys, in
+    Dagster's order, for boxes of every shape, and a caller's changes to a result do not leak."""
+    from asr_assets.defs.partitions import feature_partitions, shard_partitions, split_partitions
+
+    plain = dg.MultiPartitionsDefinition({"split": split_partitions, "shard": shard_partitions})
+    for start, end in [("00|train", "63|test"), ("07|validation", "07|validation"), ("02|train", "34|validation"),
+                       ("40|validation", "41|test")]:
+        bounds = dg.PartitionKeyRange(start, end)
+        keys = feature_partitions.get_partition_keys_in_range(bounds)
+        assert keys == plain.get_partition_keys_in_range(bounds) and len(keys) == len(set(keys))
+        keys.append("99|train")
+        assert feature_partitions.get_partition_keys_in_range(bounds) == plain.get_partition_keys_in_range(bounds)
+    assert len(feature_partitions.get_partition_keys_in_range(dg.PartitionKeyRange("00|train", "63|test"))) == 192
+    assert feature_partitions == plain  # the same definition to Dagster (mappings, snapshots)
