@@ -28,12 +28,10 @@ superseded since (tombstoned) are not covered; the Markdown says so.
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import math
 import os
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,26 +242,6 @@ def _summarize_features(settings: Settings, split: str, frontend: Frontend, ids:
 
 _FIGSIZE_IN = (6.4, 2.6)
 _DPI = 90
-
-
-def warm_plotting() -> threading.Thread:
-    """Import matplotlib (Figure, the Agg canvas, the font list) on a daemon thread and return it.
-
-    A summary's first plot otherwise pays ~0.7 s of import before drawing. ``asr-assets
-    materialize`` calls this when feature runs start, whose main process mostly waits on its
-    worker processes, so the import is done by the time ``split_summary`` plots. Harmless when
-    the summary never runs; a failed import surfaces again, with its traceback, at the first plot."""
-    def load() -> None:
-        with contextlib.suppress(Exception):
-            from matplotlib import font_manager
-            from matplotlib.backends import backend_agg  # noqa: F401
-            from matplotlib.figure import Figure  # noqa: F401
-
-            font_manager.fontManager.findfont("DejaVu Sans")
-
-    thread = threading.Thread(target=load, name="asr-assets-warm-matplotlib", daemon=True)
-    thread.start()
-    return thread
 
 
 def _png(fig) -> bytes:

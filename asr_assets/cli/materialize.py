@@ -315,10 +315,6 @@ def materialize(settings: Settings, progress: bool | None = None, executor: str 
         if busy is None:  # record caches were rebuilt: plan again
             busy = shards_with_work()
         assets = ",".join(feature_asset_name(name) for name in settings.frontends)
-        if busy:  # the summary run follows: its plotting library loads while the workers featurize
-            from ..summary import warm_plotting
-
-            warm_plotting()
         with progress_bars(enabled=progress, file=stderr):  # the real stderr, not the redirected one
             if busy and executor == "celery":  # one run per shard partition, spread over the workers
                 ok = feature_runs(busy, assets) and ok
