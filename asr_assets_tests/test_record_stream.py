@@ -385,3 +385,21 @@ def test_reader_process_stops_the_build_loudly_when_it_dies(tmp_path, monkeypatc
     monkeypatch.setattr("sys.executable", shutil.which("false"))  # a child that exits 1 at once
     with pytest.raises(ManifestError, match=r"reader process exited \(code 1\)"):
         list(read_ahead_manifest_batches(sources, min_bytes=0))
+
+
+def test_the_stored_unicode_classes_are_those_of_this_python(monkeypatch):
+    """The build reads its character classes from ``asr_assets/_unicode_classes.py`` instead of
+    scanning every code point; what it uses must equal the scan under this Python's Unicode
+    database, and the file must be what the generator writes (regenerate when this fails)."""
+    import unicodedata
+
+    from asr_assets import _unicode_classes, record_batches
+
+    scanned = {name: record_batches._ranges(pattern) for name, pattern in record_batches._CLASS_PATTERNS.items()}
+    assert record_batches._class_ranges() == scanned
+    assert "\\x{3000}" in scanned["space"] and "\\x{30}-\\x{39}" in scanned["alnum"]  # ideographic space; 0-9
+    if _unicode_classes.UNIDATA_VERSION == unicodedata.unidata_version:
+        assert Path(_unicode_classes.__file__).read_text(encoding="utf-8") == record_batches.unicode_classes_module()
+    monkeypatch.setattr(_unicode_classes, "UNIDATA_VERSION", "0.0.0")  # another Python: scanned, same result
+    monkeypatch.setattr(_unicode_classes, "ALNUM", "")
+    assert record_batches._class_ranges() == scanned
