@@ -302,6 +302,11 @@ def feature_stats_png(mean: np.ndarray, std: np.ndarray, title: str = "") -> byt
     return _png(fig)
 
 
+def _standardized(mean: np.ndarray, std: np.ndarray, tolerance: float = 1e-3) -> bool:
+    """Per-bin mean 0 and std 1 within ``tolerance``: features standardized per utterance."""
+    return bool(len(mean)) and float(np.max(np.abs(mean))) < tolerance and float(np.max(np.abs(std - 1))) < tolerance
+
+
 def png_markdown(png: bytes, alt: str) -> str:
     """``![alt](data:image/png;base64,...)`` (Dagster's UI renders data URIs in Markdown metadata)."""
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
@@ -351,4 +356,8 @@ def summary_markdown(summary: SplitSummary, *, plots: bool = True) -> str:
                 out += [png_markdown(feature_stats_png(f.mean, f.std, f"{s.split} {f.frontend}: per-bin mean ± std "
                                                        f"({f.moments_frames} frames)"),
                                      f"{f.frontend} per-bin mean and std"), ""]
+                if _standardized(f.mean, f.std):
+                    out += [f"`{f.frontend}` standardizes every bin over each utterance's frames, so the mean is 0 "
+                            "and the std 1 in every bin by construction: this plot cannot show a level or gain "
+                            "problem in its input.", ""]
     return "\n".join(out).rstrip() + "\n"

@@ -110,6 +110,12 @@ def test_markdown_has_the_numbers_and_three_png_plots(tmp_path):
         colours = np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)
         assert len(colours) > 10  # drawn, not a blank canvas
     assert "data:image" not in summary_markdown(summary, plots=False)
+    # squeezeformer standardizes each utterance: the plot is flat by construction, and says so
+    (features,) = summary.features
+    assert np.abs(features.mean).max() < 1e-3 and np.abs(features.std - 1).max() < 1e-3
+    assert "`squeezeformer` standardizes every bin" in markdown
+    features.mean = features.mean + 0.5  # un-normalized log-mel (zipformer) gets no such note
+    assert "standardizes every bin" not in summary_markdown(summary)
 
 
 def test_summary_imports_neither_dagster_nor_matplotlib():
