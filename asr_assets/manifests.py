@@ -212,31 +212,64 @@ def _walk_manifests(root: Path) -> tuple[list[tuple[Path, os.stat_result]], list
 
 
 def _walk(root: Path) -> tuple[list[tuple[Path, os.stat_result]], list[tuple[str, str]]]:
+    """The files of :func:`_walk_manifests`, in ``os.walk``'s top-down order (a folder's files,
+    then its subfolders one by one), read with ``os.scandir`` one entry at a time: ``os.walk``
+    first lists every name of a folder, ~80 B each, which is 240 MB at the peak for a Common
+    Voice ``clips/`` folder of 3M files (measured: 952 MiB peak RSS for a 3M-row build)."""
     problems: list[tuple[str, str]] = []
     found: list[tuple[Path, os.stat_result]] = []
 
-    def unlistable(exc: OSError) -> None:
+    def unlistable(exc: OSError, folder: str) -> None:
         if exc.errno != errno.ENOENT:  # a folder removed while walking is simply gone
-            problems.append((exc.filename or str(root), f"cannot list folder: {_reason(exc)}"))
+            problems.append((exc.filename or folder, f"cannot list folder: {_reason(exc)}"))
 
-    for dirpath, _, filenames in os.walk(root, onerror=unlistable):
-        for name in filenames:
-            if not name.lower().endswith(MANIFEST_SUFFIXES):  # cheap first: audio folders hold millions of files
-                continue
-            if os.path.splitext(name)[1].lower() not in MANIFEST_SUFFIXES:
-                continue
-            path = os.path.join(dirpath, name)
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                continue  # removed (or a dangling symlink): not a manifest
-            except OSError as exc:
-                problems.append((path, f"cannot open manifest: {_reason(exc)}"))
-                continue
-            if stat.S_ISREG(st.st_mode):
-                found.append((Path(path), st))
-            else:
-                problems.append((path, "not a regular file (a FIFO, device or socket is never read)"))
+    stack = [os.fspath(root)]
+    while stack:
+        folder = stack.pop()
+        subfolders: list[str] = []
+        try:
+            entries = os.scandir(folder)
+        except OSError as exc:
+            unlistable(exc, folder)
+            continue
+        with entries:
+            while True:
+                try:
+                    entry = next(entries)
+                except StopIteration:
+                    break
+                except OSError as exc:  # the folder went bad mid-listing: what was read stands
+                    unlistable(exc, folder)
+                    break
+                try:
+                    is_folder = entry.is_dir()
+                except OSError:
+                    is_folder = False
+                if is_folder:  # as os.walk(followlinks=False): a symlink to a folder is not descended
+                    try:
+                        if not entry.is_symlink():
+                            subfolders.append(entry.path)
+                    except OSError:
+                        pass
+                    continue
+                name = entry.name
+                if not name.lower().endswith(MANIFEST_SUFFIXES):  # cheap first: audio folders hold millions of files
+                    continue
+                if os.path.splitext(name)[1].lower() not in MANIFEST_SUFFIXES:
+                    continue
+                path = entry.path
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue  # removed (or a dangling symlink): not a manifest
+                except OSError as exc:
+                    problems.append((path, f"cannot open manifest: {_reason(exc)}"))
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    found.append((Path(path), st))
+                else:
+                    problems.append((path, "not a regular file (a FIFO, device or socket is never read)"))
+        stack.extend(reversed(subfolders))
     return found, problems
 
 

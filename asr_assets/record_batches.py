@@ -5,7 +5,7 @@ Entry points:
       as polars string expressions.
     - :func:`transcript_counts` — per normalized transcript: code points, symbols, alphanumerics,
       non-whitespace characters and words (what the filters of spec §1.6 need).
-    - :class:`DigestClaims` — which row first carried each utterance id, ~53 bytes per id.
+    - :class:`DigestClaims` — which row first carried each utterance id, ~41 bytes per id.
     - :class:`BatchRecordBuilder` — a :class:`~asr_assets.manifest_batches.ManifestBatch` ->
       per split, in row order, its records as columns and its :class:`~asr_assets.records.Rejection` (:class:`SplitRecords`).
 
@@ -208,15 +208,16 @@ def _halves(digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class DigestClaims:
     """Which row first carried each utterance id, in discovery order, for whole batches.
 
-    Ids are kept as BLAKE2b-128 digests in sorted runs (merged as they grow, like an LSM tree)
-    with the claiming row's manifest, row number, line and split: about 53 bytes per id and no
-    Python object per id. Each run also keeps its digests' first 8 bytes as ``uint64`` (their
-    order is the digests' order), so look-ups and sorts compare integers, not 16-byte strings.
+    Ids are kept as BLAKE2b-128 digests, split into their first and last 8 bytes as ``uint64``
+    (``(high, low)`` sorts as the bytes do), in sorted runs merged as they grow, like an LSM
+    tree, with the claiming row's manifest, row number, line and split: 41 bytes per id (24 in the
+    runs, 17 of row information) and no Python object per id. A merge frees each input column
+    as soon as its sorted copy exists, so the largest merge holds about 2x its runs at once.
     """
 
     def __init__(self) -> None:
-        self.runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (sorted digests "S16", their
-        # first 8 bytes as uint64, ordinals int64)
+        self.runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (high uint64, low uint64,
+        # ordinals int64), sorted by (high, low)
         self.count = 0
         self.manifests: list[str] = []
         self._manifest_index: dict[str, int] = {}
@@ -229,6 +230,20 @@ class DigestClaims:
         return np.frombuffer(b"".join([blake(k.encode("utf-8", "surrogatepass"), digest_size=16).digest()
                                        for k in keys]), dtype="S16")
 
+    @staticmethod
+    def _find(run_high: np.ndarray, run_low: np.ndarray, high: np.ndarray, low: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(pos, hit)``: where each ``(high, low)`` stands in a run, and whether it is there."""
+        pos = np.searchsorted(run_high, high)
+        pos[pos == len(run_high)] = 0
+        same_high = run_high[pos] == high
+        hit = same_high & (run_low[pos] == low)
+        for i in np.flatnonzero(same_high & ~hit).tolist():  # digests sharing their first 8 bytes (rare)
+            start, end = int(pos[i]), int(np.searchsorted(run_high, high[i], side="right"))
+            j = start + int(np.searchsorted(run_low[start:end], low[i]))
+            if j < end and run_low[j] == low[i]:
+                pos[i], hit[i] = j, True
+        return pos, hit
+
     def claim(self, keys: Sequence[str], manifest: str, row_numbers: Sequence[int], file_rows: Sequence[int],
               splits: Sequence[str]) -> list[dict | None]:
         """Claim ``keys`` (one batch of rows of ``manifest``, in order); per row None if it is the
@@ -236,24 +251,15 @@ class DigestClaims:
         n = len(keys)
         if not n:
             return []
-        digest = self.digests(keys)
+        high, low = _halves(self.digests(keys))
         owner = np.full(n, -1, dtype=np.int64)
-        high, low = _halves(digest)
-        for run_keys, run_high, run_ordinals in self.runs:
-            pos = np.searchsorted(run_high, high)
-            pos[pos == len(run_keys)] = 0
-            hit = run_keys[pos] == digest
-            again = np.flatnonzero(~hit & (run_high[pos] == high))  # same first 8 bytes, not (yet) the digest
-            if len(again):
-                exact = np.searchsorted(run_keys, digest[again])
-                exact[exact == len(run_keys)] = 0
-                pos[again] = exact
-                hit[again] = run_keys[exact] == digest[again]
+        for run_high, run_low, run_ordinals in self.runs:
+            pos, hit = self._find(run_high, run_low, high, low)
             owner[hit] = run_ordinals[pos[hit]]
         order = np.lexsort((low, high))  # stable, in the digests' byte order
-        ordered = digest[order]
+        ordered_high, ordered_low = high[order], low[order]
         starts = np.ones(n, dtype=bool)
-        starts[1:] = ordered[1:] != ordered[:-1]
+        starts[1:] = (ordered_high[1:] != ordered_high[:-1]) | (ordered_low[1:] != ordered_low[:-1])
         first_sorted = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
         first = np.empty(n, dtype=np.int64)
         first[order] = order[first_sorted]
@@ -274,7 +280,7 @@ class DigestClaims:
             self._info.append((m, np.asarray(row_numbers, dtype=np.int64)[new_index],
                                np.asarray(file_rows, dtype=np.int64)[new_index], split_codes[new_index]))
             sort = new_index[np.lexsort((low[new_index], high[new_index]))]
-            self.runs.append((digest[sort], high[sort], ordinals[sort]))
+            self.runs.append((high[sort], low[sort], ordinals[sort]))
             self.count += len(new_index)
             self._merge()
         out: list[dict | None] = [None] * n
@@ -284,13 +290,24 @@ class DigestClaims:
 
     def _merge(self) -> None:
         while len(self.runs) > 1 and len(self.runs[-1][0]) * 2 >= len(self.runs[-2][0]):
-            (k1, h1, o1), (k2, h2, o2) = self.runs[-2], self.runs.pop()
-            keys, high, ordinals = np.concatenate([k1, k2]), np.concatenate([h1, h2]), np.concatenate([o1, o2])
+            (h1, l1, o1), (h2, l2, o2) = self.runs[-2:]
+            del self.runs[-2:]
+            # each input column is dropped as soon as its merged copy exists: at most ~2x the runs
+            high = np.concatenate([h1, h2])
+            del h1, h2
             sort = np.argsort(high, kind="stable")  # timsort: a linear merge of the two sorted runs
-            merged = high[sort]
-            if np.any(merged[1:] == merged[:-1]):  # digests sharing their first 8 bytes: order them by all 16
-                sort = np.lexsort((_halves(keys)[1], high))
-            self.runs[-1] = (keys[sort], high[sort], ordinals[sort])
+            merged_high = high[sort]
+            low = np.concatenate([l1, l2])
+            del l1, l2
+            if np.any(merged_high[1:] == merged_high[:-1]):  # digests sharing their first 8 bytes: all 16
+                sort = np.lexsort((low, high))
+                merged_high = high[sort]
+            del high
+            merged_low = low[sort]
+            del low
+            ordinals = np.concatenate([o1, o2])
+            del o1, o2
+            self.runs.append((merged_high, merged_low, ordinals[sort]))
 
     def _describe(self, ordinal: int) -> dict:
         chunk = bisect.bisect_right(self._info_starts, ordinal) - 1
