@@ -512,7 +512,7 @@ def build_record_caches(settings: Settings, splits: Sequence[str] = SPLITS, *,
     normalizes and filters each batch (:class:`~asr_assets.record_batches.BatchRecordBuilder`),
     assigns each row its split and appends it to that split's writer (one
     :class:`~asr_assets.record_cache.RecordCacheWriter` per split open at once). Memory stays flat
-    in the number of rows apart from the duplicate-id index (~53 bytes per row) and 8 bytes per
+    in the number of rows apart from the duplicate-id index (~41 bytes per id) and 8 bytes per
     record (durations of the summary); rejections go to the report as they come. The output of
     every split (JSONL, sidecars, blobs, report) is that of the per-row reference
     (``asr_assets_tests/reference_record_cache.py``) byte for byte.
