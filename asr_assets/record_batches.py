@@ -288,8 +288,13 @@ class DigestClaims:
             out[i] = self._describe(int(owner[i]))
         return out
 
+    #: Runs stop merging at this many ids: beyond it memory grows by 41 B per id with no merge
+    #: transient above ~24 B x this (100 MB), and a look-up searches one more run per 4M ids.
+    MAX_MERGED_RUN = 1 << 22
+
     def _merge(self) -> None:
-        while len(self.runs) > 1 and len(self.runs[-1][0]) * 2 >= len(self.runs[-2][0]):
+        while (len(self.runs) > 1 and len(self.runs[-1][0]) * 2 >= len(self.runs[-2][0])
+               and len(self.runs[-1][0]) + len(self.runs[-2][0]) <= self.MAX_MERGED_RUN):
             (h1, l1, o1), (h2, l2, o2) = self.runs[-2:]
             del self.runs[-2:]
             # each input column is dropped as soon as its merged copy exists: at most ~2x the runs

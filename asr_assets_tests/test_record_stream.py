@@ -84,6 +84,23 @@ def test_digest_claims_first_row_wins_across_batches():
     assert len(claims.runs) < 12  # merged, not one run per batch
 
 
+def test_digest_claims_stop_merging_at_the_largest_run_and_still_find_every_id(monkeypatch):
+    monkeypatch.setattr(DigestClaims, "MAX_MERGED_RUN", 1000)
+    rng = random.Random(5)
+    keys = [f"id{rng.randrange(6000)}" for _ in range(12000)]
+    claims, first, expected, got = DigestClaims(), {}, [], []
+    for start in range(0, len(keys), 250):
+        chunk = keys[start:start + 250]
+        rows = list(range(start + 1, start + 1 + len(chunk)))
+        got += claims.claim(chunk, "m.tsv", rows, rows, ["train"] * len(chunk))
+        for key, row in zip(chunk, rows):
+            expected.append(first.get(key))
+            first.setdefault(key, {"manifest": "m.tsv", "row": row, "line": row, "split": "train"})
+    sizes = [len(run[0]) for run in claims.runs]
+    assert got == expected and claims.count == len(first) == sum(sizes)
+    assert max(sizes) <= 1000 and len(sizes) >= len(first) // 1000  # capped runs, none lost
+
+
 def test_digest_claims_exact_when_digests_share_their_first_eight_bytes(monkeypatch):
     # Look-ups go by the first 8 bytes first; digests that share them must still be told apart.
     def digests(keys):
