@@ -234,7 +234,7 @@ def materialize(settings: Settings, progress: bool | None = None, executor: str 
     from ..definitions import build_definitions
     from ..defs.assets import feature_asset_name
     from ..defs.jobs import FEATURES_JOB, RECORD_CACHE_JOB, SUMMARY_JOB, run_tags
-    from ..defs.partitions import feature_partition_key
+    from ..defs.partitions import feature_partition_key, parse_feature_partition_key
 
     from ..defs.executors import execution_run_config, reconstructable_job
     from ..errors import ConfigError
@@ -320,10 +320,10 @@ def materialize(settings: Settings, progress: bool | None = None, executor: str 
                 ok = feature_runs(busy, assets) and ok
             elif busy:  # runs over stretches of busy partitions (keys are shard-major: "07|train", "07|validation", ...)
                 for first, last in feature_ranges(busy):  # boxes: shards lo..hi x splits
-                    (lo, split_lo), (hi, split_hi) = first.split("|"), last.split("|")
+                    (split_lo, lo), (split_hi, hi) = parse_feature_partition_key(first), parse_feature_partition_key(last)
                     splits = SPLITS[SPLITS.index(split_lo):SPLITS.index(split_hi) + 1]
                     ok = run(FEATURES_JOB, first, last, f"features {first}...{last}",
-                             run_tags(assets, ",".join(splits), shards=f"{lo}-{hi}")) and ok
+                             run_tags(assets, ",".join(splits), shards=f"{lo:02d}-{hi:02d}")) and ok
         # a rebuilt split whose JSONL and report are those of before did not change for the summary
         rebuilt = [split for split in stale if before[split] is None or _record_state(settings, split) != before[split]]
         changed = [split for split in SPLITS if split in rebuilt or split in busy]
