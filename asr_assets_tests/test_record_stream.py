@@ -84,18 +84,25 @@ def test_digest_claims_first_row_wins_across_batches():
     assert len(claims.runs) < 12  # merged, not one run per batch
 
 
-def test_digest_claims_stop_merging_at_the_largest_run_and_still_find_every_id(monkeypatch):
-    monkeypatch.setattr(DigestClaims, "MAX_MERGED_RUN", 1000)
-    rng = random.Random(5)
-    keys = [f"id{rng.randrange(6000)}" for _ in range(12000)]
-    claims, first, expected, got = DigestClaims(), {}, [], []
-    for start in range(0, len(keys), 250):
-        chunk = keys[start:start + 250]
+def _claim_in_batches(claims: DigestClaims, keys: list[str], batch: int) -> tuple[list, list, dict]:
+    """Claim ``keys`` of one manifest in batches; returns (claims' answers, the answers of a
+    dict of first rows, that dict)."""
+    first, expected, got = {}, [], []
+    for start in range(0, len(keys), batch):
+        chunk = keys[start:start + batch]
         rows = list(range(start + 1, start + 1 + len(chunk)))
         got += claims.claim(chunk, "m.tsv", rows, rows, ["train"] * len(chunk))
         for key, row in zip(chunk, rows):
             expected.append(first.get(key))
             first.setdefault(key, {"manifest": "m.tsv", "row": row, "line": row, "split": "train"})
+    return got, expected, first
+
+
+def test_digest_claims_stop_merging_at_the_largest_run_and_still_find_every_id(monkeypatch):
+    monkeypatch.setattr(DigestClaims, "MAX_MERGED_RUN", 1000)
+    rng = random.Random(5)
+    claims = DigestClaims()
+    got, expected, first = _claim_in_batches(claims, [f"id{rng.randrange(6000)}" for _ in range(12000)], 250)
     sizes = [len(run[0]) for run in claims.runs]
     assert got == expected and claims.count == len(first) == sum(sizes)
     assert max(sizes) <= 1000 and len(sizes) >= len(first) // 1000  # capped runs, none lost
@@ -109,15 +116,8 @@ def test_digest_claims_exact_when_digests_share_their_first_eight_bytes(monkeypa
 
     monkeypatch.setattr(DigestClaims, "digests", staticmethod(digests))
     rng = random.Random(4)
-    keys = [f"id{rng.randrange(500)}" for _ in range(3000)]
-    claims, first, expected, got = DigestClaims(), {}, [], []
-    for start in range(0, len(keys), 101):
-        chunk = keys[start:start + 101]
-        rows = list(range(start + 1, start + 1 + len(chunk)))
-        got += claims.claim(chunk, "m.tsv", rows, rows, ["train"] * len(chunk))
-        for key, row in zip(chunk, rows):
-            expected.append(first.get(key))
-            first.setdefault(key, {"manifest": "m.tsv", "row": row, "line": row, "split": "train"})
+    claims = DigestClaims()
+    got, expected, first = _claim_in_batches(claims, [f"id{rng.randrange(500)}" for _ in range(3000)], 101)
     assert got == expected and claims.count == len(first)
 
 
