@@ -96,6 +96,19 @@ def _store(tmp_path: Path, name: str, bad: str | None, copies: int = 3) -> tuple
     return RecordStore(settings.record_cache_path("train")), settings.feature_split_root("train")
 
 
+def _child_env() -> dict[str, str]:
+    """This process's environment with the repository first on ``PYTHONPATH``, for a child Python."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+def _run_script(script: str, *args) -> list[str]:
+    """``python -c script args...`` from the repository; its stdout split in words (it must succeed)."""
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=_child_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
 def _payloads(split_root: Path) -> dict[str, bytes]:
     out = {}
     for part in split_root.rglob("part_*.parquet"):
@@ -241,9 +254,8 @@ def test_sigkill_of_the_main_process_leaves_no_fork_server_or_worker(tmp_path):
     store, root = _store(tmp_path, "out", None, copies=1)
     marks = tmp_path / "marks"
     marks.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_MAIN, str(store.path), str(root), str(marks)],
-                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=_child_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     family: set[int] = set()
     try:
         deadline = time.monotonic() + 60
@@ -291,11 +303,8 @@ print(first == forkserver._forkserver._forkserver_pid, out["a"][0].computed, b[0
 def test_the_fork_server_outlives_the_thread_that_started_it(tmp_path):
     """Its parent-death signal fires when that *thread* exits; it must exit only with the process."""
     store, _ = _store(tmp_path, "out", None, copies=1)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", _THREAD_STARTS_FORK_SERVER, str(store.path), str(tmp_path / "a"),
-                           str(tmp_path / "b")], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True", "4", "4", "0"]  # same fork server; no worker was lost
+    words = _run_script(_THREAD_STARTS_FORK_SERVER, store.path, tmp_path / "a", tmp_path / "b")
+    assert words == ["True", "4", "4", "0"]  # same fork server; no worker was lost
 
 
 _STARTED_EARLY = """
@@ -320,11 +329,7 @@ def test_a_fork_server_started_early_is_the_one_the_workers_come_from(tmp_path, 
     """``start_fork_server`` (what ``materialize`` calls before importing Dagster) starts one fork
     server, once; the pool then forks its workers from it and computes the same payloads."""
     store, _ = _store(tmp_path, "out", None)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", _STARTED_EARLY, str(store.path), str(tmp_path / "early")],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True", "True", "12", "0"]
+    assert _run_script(_STARTED_EARLY, store.path, tmp_path / "early") == ["True", "True", "12", "0"]
     assert _payloads(tmp_path / "early") == reference
 
 

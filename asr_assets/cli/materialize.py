@@ -224,8 +224,8 @@ def materialize(settings: Settings, progress: bool | None = None, executor: str 
         _print_summary(settings)
         return 0
 
-    if executor == "in_process":  # features will be computed here: the workers' fork server starts
-        from ..extraction import start_fork_server  # beside Dagster's import, not after it
+    if executor == "in_process":  # features, if any, are computed here: the workers' fork server
+        from ..extraction import start_fork_server  # starts beside Dagster's import, not after it
 
         start_fork_server()
 
