@@ -16,6 +16,7 @@ both on the same manifests and compare every row and problem.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -484,8 +485,12 @@ def read_ahead_manifest_batches(sources: Sequence[str | os.PathLike], *, min_byt
     reader = subprocess.Popen([sys.executable, "-c", "from asr_assets.manifest_batches import _reader_main; _reader_main()"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
     try:
-        pickle.dump((sources, options, walks), reader.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-        reader.stdin.close()
+        try:
+            pickle.dump((sources, options, walks), reader.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            reader.stdin.close()
+        except BrokenPipeError:  # the reader died at once: its exit code is reported below
+            with contextlib.suppress(OSError):
+                reader.stdin.close()
         while True:
             try:
                 kind, payload = pickle.load(reader.stdout)

@@ -25,7 +25,6 @@ import logging
 import os
 import time
 import uuid
-from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,7 +43,7 @@ from .logs import TRACE, trace
 from .manifest_batches import ManifestProblem, read_ahead_manifest_batches
 from .manifests import ManifestRow, one_walk_per_folder
 from .record_batches import BatchRecordBuilder, SplitRecords
-from .record_cache import RecordCacheWriter, RecordStore, WriteSummary
+from .record_cache import RecordCacheWriter, RecordStore, WriteSummary, duration_counts
 from .records import RecordConfig, Rejection
 from .settings import SPLITS, Settings
 
@@ -298,12 +297,19 @@ def _up_to_date(settings: Settings, split: str, inputs: dict | None) -> RecordCa
     except (OSError, ValueError, KeyError, TypeError):
         return None
     samples = RecordStore(path).sidecars["num_samples"]  # sidecar only: the JSONL is not parsed
-    durations = array("d")  # 8 bytes per record, as a fresh build's summary
-    if samples is not None:
-        durations.frombytes((samples / 16000.0).astype(np.float64).tobytes())
     summary = WriteSummary(str(path), state["summary"]["utterances"], state["summary"]["audio_seconds"],
-                           state["summary"]["blobs"], durations, state["summary"]["sha256"])
+                           state["summary"]["blobs"], _sample_duration_counts(samples), state["summary"]["sha256"])
     return RecordCacheResult(split, summary, RejectionLog(report, count), str(report), 0.0, up_to_date=True)
+
+
+def _sample_duration_counts(samples: np.ndarray | None, chunk: int = 1 << 20) -> list[int]:
+    """:func:`~asr_assets.record_cache.duration_counts` of a ``num_samples`` sidecar (16 kHz
+    samples), a chunk at a time."""
+    counts = duration_counts([])
+    for start in range(0, 0 if samples is None else len(samples), chunk):
+        part = duration_counts(np.asarray(samples[start:start + chunk], dtype=np.float64) / 16000.0)
+        counts = [a + b for a, b in zip(counts, part)]
+    return counts
 
 
 def _remote_up_to_date(settings: Settings, split: str, inputs: dict | None) -> RecordCacheResult | None:
@@ -325,10 +331,9 @@ def _remote_up_to_date(settings: Settings, split: str, inputs: dict | None) -> R
         store = RecordStore(path)
     except (OSError, ValueError, KeyError, TypeError, CacheCorruptError):
         return None
-    samples = store.sidecars["num_samples"]
-    durations = (samples / 16000.0).tolist() if samples is not None else []
     summary = WriteSummary(path, state["summary"]["utterances"], state["summary"]["audio_seconds"],
-                           state["summary"]["blobs"], durations, state["summary"]["sha256"])
+                           state["summary"]["blobs"], _sample_duration_counts(store.sidecars["num_samples"]),
+                           state["summary"]["sha256"])
     return RecordCacheResult(split, summary, rejections, report, 0.0, up_to_date=True)
 
 

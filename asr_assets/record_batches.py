@@ -5,7 +5,8 @@ Entry points:
       as polars string expressions.
     - :func:`transcript_counts` — per normalized transcript: code points, symbols, alphanumerics,
       non-whitespace characters and words (what the filters of spec §1.6 need).
-    - :class:`DigestClaims` — which row first carried each utterance id, ~41 bytes per id.
+    - :class:`DigestClaims` — which row first carried each utterance id: 12 bytes per id in memory,
+      29 on disk.
     - :class:`BatchRecordBuilder` — a :class:`~asr_assets.manifest_batches.ManifestBatch` ->
       per split, in row order, its records as columns and its :class:`~asr_assets.records.Rejection` (:class:`SplitRecords`).
 
@@ -25,9 +26,11 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
+import itertools
 import math
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from stat import S_ISREG
 from typing import Callable, Sequence
@@ -208,21 +211,39 @@ def _halves(digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class DigestClaims:
     """Which row first carried each utterance id, in discovery order, for whole batches.
 
-    Ids are kept as BLAKE2b-128 digests, split into their first and last 8 bytes as ``uint64``
-    (``(high, low)`` sorts as the bytes do), in sorted runs merged as they grow, like an LSM
-    tree, with the claiming row's manifest, row number, line and split: 41 bytes per id (24 in the
-    runs, 17 of row information) and no Python object per id. A merge frees each input column
-    as soon as its sorted copy exists, so the largest merge holds about 2x its runs at once.
+    Ids are kept as BLAKE2b-128 digests. In memory: the first 8 bytes of each (as ``uint64``, so
+    they sort as the bytes do) with the id's ordinal (``uint32``), in sorted runs merged as they
+    grow, like an LSM tree: 12 bytes per id and no Python object per id. On disk, in an unlinked
+    temporary file indexed by ordinal (:data:`TABLE`, 29 bytes per id): the last 8 bytes of the
+    digest and the claiming row's manifest, row number, line and split. A look-up that matches
+    the first 8 bytes reads the rest there, which happens for duplicates (and for the ~1 in 2**64
+    pair that shares them), so a corpus without duplicates reads nothing back.
+
+    Memory: 10M ids hold 120 MB of runs (the 29 B per id of the table sit in the page cache, not
+    in the process). A merge writes the merged run before it frees its inputs, about 2x its runs
+    at once; runs stop merging at :attr:`MAX_MERGED_RUN` ids.
     """
 
-    def __init__(self) -> None:
-        self.runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (high uint64, low uint64,
-        # ordinals int64), sorted by (high, low)
+    #: One claimed id on disk, at ``ordinal * TABLE.itemsize``.
+    TABLE = np.dtype([("low", "<u8"), ("manifest", "<u4"), ("row", "<i8"), ("line", "<i8"), ("split", "u1")])
+
+    def __init__(self, directory: str | None = None) -> None:
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (high uint64, ordinals uint32), sorted by high
         self.count = 0
         self.manifests: list[str] = []
         self._manifest_index: dict[str, int] = {}
-        self._info_starts: list[int] = []
-        self._info: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # manifest, rows, lines, splits
+        self._table = tempfile.TemporaryFile(prefix="asr_assets_claims_", dir=directory)  # unlinked at once
+        self._table_written = 0  # ids in the table file (flushed)
+
+    def close(self) -> None:
+        """Drop the on-disk table (also done when the object is collected)."""
+        self._table.close()
+
+    def __enter__(self) -> "DigestClaims":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @staticmethod
     def digests(keys: Sequence[str]) -> np.ndarray:
@@ -230,19 +251,44 @@ class DigestClaims:
         return np.frombuffer(b"".join([blake(k.encode("utf-8", "surrogatepass"), digest_size=16).digest()
                                        for k in keys]), dtype="S16")
 
-    @staticmethod
-    def _find(run_high: np.ndarray, run_low: np.ndarray, high: np.ndarray, low: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(pos, hit)``: where each ``(high, low)`` stands in a run, and whether it is there."""
-        pos = np.searchsorted(run_high, high)
-        pos[pos == len(run_high)] = 0
-        same_high = run_high[pos] == high
-        hit = same_high & (run_low[pos] == low)
-        for i in np.flatnonzero(same_high & ~hit).tolist():  # digests sharing their first 8 bytes (rare)
-            start, end = int(pos[i]), int(np.searchsorted(run_high, high[i], side="right"))
-            j = start + int(np.searchsorted(run_low[start:end], low[i]))
-            if j < end and run_low[j] == low[i]:
-                pos[i], hit[i] = j, True
-        return pos, hit
+    def _rows(self, ordinals: np.ndarray) -> np.ndarray:
+        """The table rows of ``ordinals`` (any order, repeats allowed)."""
+        if not len(ordinals):
+            return np.zeros(0, dtype=self.TABLE)
+        table = np.memmap(self._table, dtype=self.TABLE, mode="r", shape=(self._table_written,))
+        try:
+            return np.array(table[ordinals])  # a copy: only the touched pages are read
+        finally:
+            del table
+
+    def _owners(self, high: np.ndarray, low: np.ndarray, order: np.ndarray) -> np.ndarray:
+        """Per digest, the ordinal of the stored id equal to it, or -1; ``order`` sorts ``high``
+        (searching in sorted order keeps each run's look-ups in cache)."""
+        owner = np.full(len(high), -1, dtype=np.int64)
+        sorted_high = high[order]
+        queries: list[np.ndarray] = []  # (query, candidate ordinal) pairs whose first 8 bytes match
+        candidates: list[np.ndarray] = []
+        for run_high, run_ordinals in self.runs:
+            left = np.searchsorted(run_high, sorted_high)
+            inside = left < len(run_high)
+            match = np.flatnonzero(inside)[run_high[left[inside]] == sorted_high[inside]]
+            if not len(match):
+                continue
+            queries.append(order[match])
+            candidates.append(run_ordinals[left[match]])
+            after = left[match] + 1
+            tied = after < len(run_high)
+            for k in np.flatnonzero(tied)[run_high[after[tied]] == sorted_high[match[tied]]].tolist():
+                i = int(order[match[k]])  # more ids sharing these first 8 bytes (rare)
+                start = int(after[k])
+                end = int(np.searchsorted(run_high, high[i], side="right"))
+                queries.append(np.full(end - start, i))
+                candidates.append(run_ordinals[start:end])
+        if queries:
+            query, candidate = np.concatenate(queries), np.concatenate(candidates).astype(np.int64)
+            hit = self._rows(candidate)["low"] == low[query]
+            owner[query[hit]] = candidate[hit]
+        return owner
 
     def claim(self, keys: Sequence[str], manifest: str, row_numbers: Sequence[int], file_rows: Sequence[int],
               splits: Sequence[str]) -> list[dict | None]:
@@ -252,11 +298,8 @@ class DigestClaims:
         if not n:
             return []
         high, low = _halves(self.digests(keys))
-        owner = np.full(n, -1, dtype=np.int64)
-        for run_high, run_low, run_ordinals in self.runs:
-            pos, hit = self._find(run_high, run_low, high, low)
-            owner[hit] = run_ordinals[pos[hit]]
         order = np.lexsort((low, high))  # stable, in the digests' byte order
+        owner = self._owners(high, low, order)
         ordered_high, ordered_low = high[order], low[order]
         starts = np.ones(n, dtype=bool)
         starts[1:] = (ordered_high[1:] != ordered_high[:-1]) | (ordered_low[1:] != ordered_low[:-1])
@@ -269,57 +312,59 @@ class DigestClaims:
         ordinals[new_index] = self.count + np.arange(len(new_index))
         later = (owner < 0) & ~new
         owner[later] = ordinals[first[later]]
+        out: list[dict | None] = [None] * n
         if len(new_index):
+            if self.count + len(new_index) > np.iinfo(np.uint32).max:
+                raise OverflowError("more than 2**32 - 1 distinct utterance ids")
             m = self._manifest_index.get(manifest)
             if m is None:
                 m = self._manifest_index[manifest] = len(self.manifests)
                 self.manifests.append(manifest)
             codes = {s: c for c, s in enumerate(SPLITS)}
-            split_codes = np.array([codes.get(s, len(SPLITS)) for s in splits], dtype=np.uint8)
-            self._info_starts.append(self.count)
-            self._info.append((m, np.asarray(row_numbers, dtype=np.int64)[new_index],
-                               np.asarray(file_rows, dtype=np.int64)[new_index], split_codes[new_index]))
-            sort = new_index[np.lexsort((low[new_index], high[new_index]))]
-            self.runs.append((high[sort], low[sort], ordinals[sort]))
+            rows = np.zeros(len(new_index), dtype=self.TABLE)
+            rows["low"] = low[new_index]
+            rows["manifest"] = m
+            rows["row"] = np.asarray(row_numbers, dtype=np.int64)[new_index]
+            rows["line"] = np.asarray(file_rows, dtype=np.int64)[new_index]
+            rows["split"] = np.fromiter(map(codes.get, splits, itertools.repeat(len(SPLITS), n)), dtype=np.uint8,
+                                        count=n)[new_index]
+            self._table.seek(self._table_written * self.TABLE.itemsize)
+            self._table.write(rows.tobytes())
+            self._table.flush()
+            self._table_written += len(new_index)
+            sort = order[new[order]]  # the new ids, sorted
+            self.runs.append((high[sort], ordinals[sort].astype(np.uint32)))
             self.count += len(new_index)
             self._merge()
-        out: list[dict | None] = [None] * n
-        for i in np.flatnonzero(owner >= 0).tolist():
-            out[i] = self._describe(int(owner[i]))
+        duplicate = np.flatnonzero(owner >= 0)
+        if len(duplicate):
+            described = self._rows(owner[duplicate])
+            names, split_names = self.manifests, (*SPLITS, "other")
+            for i, m, row, line, split in zip(duplicate.tolist(), described["manifest"].tolist(),
+                                              described["row"].tolist(), described["line"].tolist(),
+                                              described["split"].tolist()):
+                out[i] = {"manifest": names[m], "row": row, "line": line, "split": split_names[split]}
         return out
 
-    #: Runs stop merging at this many ids: beyond it memory grows by 41 B per id with no merge
-    #: transient above ~24 B x this (100 MB), and a look-up searches one more run per 4M ids.
+    #: Runs stop merging at this many ids: beyond it memory grows by 12 B per id with no merge
+    #: transient above ~33 B x this (140 MB), and a look-up searches one more run per 4M ids.
     MAX_MERGED_RUN = 1 << 22
 
     def _merge(self) -> None:
         while (len(self.runs) > 1 and len(self.runs[-1][0]) * 2 >= len(self.runs[-2][0])
                and len(self.runs[-1][0]) + len(self.runs[-2][0]) <= self.MAX_MERGED_RUN):
-            (h1, l1, o1), (h2, l2, o2) = self.runs[-2:]
+            (h1, o1), (h2, o2) = self.runs[-2:]
             del self.runs[-2:]
-            # each input column is dropped as soon as its merged copy exists: at most ~2x the runs
-            high = np.concatenate([h1, h2])
+            # a linear merge of two sorted runs: where each id of the second lands, the rest in order
+            at = np.searchsorted(h1, h2, side="right") + np.arange(len(h2))
+            rest = np.ones(len(h1) + len(h2), dtype=bool)
+            rest[at] = False
+            high = np.empty(len(rest), dtype=np.uint64)
+            high[at], high[rest] = h2, h1
             del h1, h2
-            sort = np.argsort(high, kind="stable")  # timsort: a linear merge of the two sorted runs
-            merged_high = high[sort]
-            low = np.concatenate([l1, l2])
-            del l1, l2
-            if np.any(merged_high[1:] == merged_high[:-1]):  # digests sharing their first 8 bytes: all 16
-                sort = np.lexsort((low, high))
-                merged_high = high[sort]
-            del high
-            merged_low = low[sort]
-            del low
-            ordinals = np.concatenate([o1, o2])
-            del o1, o2
-            self.runs.append((merged_high, merged_low, ordinals[sort]))
-
-    def _describe(self, ordinal: int) -> dict:
-        chunk = bisect.bisect_right(self._info_starts, ordinal) - 1
-        m, rows, lines, splits = self._info[chunk]
-        k = ordinal - self._info_starts[chunk]
-        return {"manifest": self.manifests[m], "row": int(rows[k]), "line": int(lines[k]),
-                "split": (*SPLITS, "other")[int(splits[k])]}
+            ordinals = np.empty(len(rest), dtype=np.uint32)
+            ordinals[at], ordinals[rest] = o2, o1
+            self.runs.append((high, ordinals))
 
 
 def _take(values: Sequence, rows: Sequence[int]) -> list:

@@ -47,7 +47,6 @@ import json
 import math
 import os
 import shutil
-from array import array
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from pathlib import Path
@@ -103,15 +102,27 @@ def write_blob(jsonl_path: str | os.PathLike, data: bytes) -> str:
     return f"{directory.name}/{name}"
 
 
+#: Bin edges (seconds) of :attr:`WriteSummary.duration_counts`: ``[lo, hi)``, the last ``[30, inf]``.
+DURATION_EDGES_S = (0.0, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, math.inf)
+
+
+def duration_counts(durations_s) -> list[int]:
+    """Utterances per bin of :data:`DURATION_EDGES_S` (``numpy.histogram``'s rule: each bin
+    ``[lo, hi)``, the last one closed), for seconds in any array-like."""
+    counts, _ = np.histogram(np.asarray(durations_s, dtype=np.float64), bins=DURATION_EDGES_S)
+    return counts.tolist()
+
+
 @dataclass
 class WriteSummary:
-    """What :func:`write_record_cache` wrote."""
+    """What :func:`write_record_cache` wrote. ``duration_counts``: utterances per bin of
+    :data:`DURATION_EDGES_S`, kept as counts so the summary does not grow with the split."""
 
     path: str
     utterances: int = 0
     audio_seconds: float = 0.0
     blobs: int = 0
-    durations_s: list[float] = field(default_factory=list)
+    duration_counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_EDGES_S) - 1))
     sha256: str = ""  # of the JSONL bytes: the split's data version
     version: str = ""  # object stores: the version folder its commit object names
 
@@ -146,6 +157,7 @@ def _write_locked(jsonl_path: Path, records: Iterable[Record]) -> WriteSummary:
     remove_stale_tmp(jsonl_path.parent, prefix=jsonl_path.name)
     tmp = tmp_path_for(jsonl_path)
     columns: dict[str, list[int]] = {suffix: [] for suffix in SIDECARS}
+    durations: list[float] = []
     summary = WriteSummary(path=str(jsonl_path))
     digest = hashlib.sha256()
     with open(tmp, "wb") as handle:
@@ -177,7 +189,8 @@ def _write_locked(jsonl_path: Path, records: Iterable[Record]) -> WriteSummary:
             columns[".token_lengths.u32"].append(0)
             summary.utterances += 1
             summary.audio_seconds += record.duration_s
-            summary.durations_s.append(record.duration_s)
+            durations.append(record.duration_s)
+        summary.duration_counts = duration_counts(durations)
         handle.flush()
         os.fsync(handle.fileno())
     for suffix, dtype in SIDECARS.items():
@@ -321,7 +334,6 @@ class RecordCacheWriter:
         self._position = 0
         self._digest = hashlib.sha256()
         self.summary = WriteSummary(path=str(self.path))
-        self.summary.durations_s = array("d")  # type: ignore[assignment]
 
     def add(self, records: Sequence[tuple]) -> None:
         """Append records, each ``(utterance_id, transcript, audio_path, audio_bytes, speaker_id,
@@ -362,7 +374,7 @@ class RecordCacheWriter:
         for duration in durations.tolist():  # in record order, as the per-record writer adds them
             seconds += duration
         summary.audio_seconds = seconds
-        summary.durations_s.frombytes(durations.tobytes())
+        summary.duration_counts = [a + b for a, b in zip(summary.duration_counts, duration_counts(durations))]
         summary.utterances += n
         num_samples = np.maximum(1, np.rint(durations * 16000)).astype(np.int64)  # max(1, round(d * 16000))
         columns = {

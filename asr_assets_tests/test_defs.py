@@ -66,6 +66,14 @@ def test_checks_are_unpartitioned_and_name_their_partitions(tmp_path):
     assert evaluation.passed and evaluation.metadata["splits"].value == ["train"]
     assert evaluation.metadata["records"].value["train"] == 20  # the bundled sample's train split
     assert evaluation.metadata["up_to_date_not_reread"].value == []  # rebuilt: read in full
+    (mat,) = res.asset_materializations_for_node("record_cache")
+    table = mat.metadata["duration_histogram"].value.splitlines()[2:]  # | lo–hi | n ███ |
+    shown = {row.split("|")[1].strip(): int(row.split("|")[2].split()[0]) for row in table}
+    samples = RecordStore(tmp_path / "out" / "record_cache" / "train.jsonl").sidecars["num_samples"]
+    edges = [0, 1, 2, 5, 10, 15, 20, 30, np.inf]
+    counts, _ = np.histogram(np.asarray(samples) / 16000, bins=edges)
+    assert shown == {f"{lo:g}–{hi:g}": int(n) for lo, hi, n in zip(edges, edges[1:], counts) if n}
+    assert sum(shown.values()) == 20
 
 
 def test_record_cache_check_does_not_reread_a_split_its_run_left_untouched(tmp_path, monkeypatch):

@@ -402,6 +402,10 @@ def test_reader_process_stops_the_build_loudly_when_it_dies(tmp_path, monkeypatc
     monkeypatch.setattr("sys.executable", shutil.which("false"))  # a child that exits 1 at once
     with pytest.raises(ManifestError, match=r"reader process exited \(code 1\)"):
         list(read_ahead_manifest_batches(sources, min_bytes=0))
+    # a request larger than the pipe holds: writing it meets the dead reader (broken pipe)
+    missing = [str(tmp_path / f"missing-{i:04d}-{'x' * 100}") for i in range(2000)]
+    with pytest.raises(ManifestError, match=r"reader process exited \(code 1\)"):
+        list(read_ahead_manifest_batches(sources + missing, min_bytes=0))
 
 
 def test_the_stored_unicode_classes_are_those_of_this_python(monkeypatch):

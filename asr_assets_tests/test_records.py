@@ -205,7 +205,8 @@ def test_unchanged_inputs_rewrite_nothing_and_changes_rebuild(tmp_path, monkeypa
     again = build_record_cache(settings, "train")
     assert again.up_to_date and again.summary.sha256 == first.summary.sha256
     assert again.summary.utterances == first.summary.utterances
-    assert len(again.summary.durations_s) == first.summary.utterances
+    assert sum(again.summary.duration_counts) == first.summary.utterances
+    assert again.summary.duration_counts == first.summary.duration_counts
     assert [r.to_report() for r in again.rejections] == [r.to_report() for r in first.rejections]
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == files  # nothing rewritten
     monkeypatch.undo()

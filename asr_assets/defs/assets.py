@@ -12,10 +12,10 @@ from collections import Counter, defaultdict
 from typing import Sequence
 
 import dagster as dg
-import numpy as np
 
 from asr_assets.frontends import Frontend
 from asr_assets.pipeline import build_feature_shards, build_record_cache
+from asr_assets.record_cache import DURATION_EDGES_S
 
 from .partitions import feature_partition_key, feature_partitions, parse_feature_partition_key, split_partitions
 from .resources import AsrAssetsConfig
@@ -39,11 +39,11 @@ def feature_asset_name(frontend: str) -> str:
     return frontend.replace("-", "_") + "_features"
 
 
-def _duration_histogram(durations: list[float]) -> str:
-    if not durations:
+def _duration_histogram(counts: list[int]) -> str:
+    """Markdown table of :attr:`WriteSummary.duration_counts <asr_assets.record_cache.WriteSummary>`."""
+    if not any(counts):
         return "no utterances"
-    edges = [0, 1, 2, 5, 10, 15, 20, 30, float("inf")]
-    counts, _ = np.histogram(durations, bins=edges)
+    edges = DURATION_EDGES_S
     rows = ["| duration (s) | utterances |", "|---|---|"]
     for lo, hi, n in zip(edges[:-1], edges[1:], counts):
         if n:
@@ -80,7 +80,7 @@ def record_cache(context: dg.AssetExecutionContext, asr_config: AsrAssetsConfig)
             "audio_blobs": result.summary.blobs,
             "path": dg.MetadataValue.path(result.summary.path),
             "report": dg.MetadataValue.path(result.report_path),
-            "duration_histogram": dg.MetadataValue.md(_duration_histogram(result.summary.durations_s)),
+            "duration_histogram": dg.MetadataValue.md(_duration_histogram(result.summary.duration_counts)),
             "manifests": dg.MetadataValue.json(list(settings.manifests)),
             "seconds": round(result.seconds, 2),
             "up_to_date": result.up_to_date,
