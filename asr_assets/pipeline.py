@@ -517,8 +517,9 @@ def build_record_caches(settings: Settings, splits: Sequence[str] = SPLITS, *,
     normalizes and filters each batch (:class:`~asr_assets.record_batches.BatchRecordBuilder`),
     assigns each row its split and appends it to that split's writer (one
     :class:`~asr_assets.record_cache.RecordCacheWriter` per split open at once). Memory stays flat
-    in the number of rows apart from the duplicate-id index (~41 bytes per id) and 8 bytes per
-    record (durations of the summary); rejections go to the report as they come. The output of
+    in the number of rows apart from the duplicate-id index (12 bytes per id in memory, the rest
+    in a temporary file: :class:`~asr_assets.record_batches.DigestClaims`); durations are kept as
+    per-bin counts and rejections go to the report as they come. The output of
     every split (JSONL, sidecars, blobs, report) is that of the per-row reference
     (``asr_assets_tests/reference_record_cache.py``) byte for byte.
 
@@ -583,7 +584,11 @@ def _build_splits(settings: Settings, stale: list[str], inputs: dict, log, progr
         config = replace(config, val_fraction=0.0, test_fraction=0.0)
     folder = settings.record_cache_path(SPLITS[0]).parent
     probe = DurationProbe(folder / "probed_durations.parquet", workers=settings.effective_workers)
-    builder = BatchRecordBuilder(config, allowed_audio_roots=settings.audio_roots(), probe_many=probe.probe_many)
+    # the duplicate-id table (29 B per id) goes to disk beside the cache, not to a /tmp that may be RAM
+    scratch = storage.cache_dir() / "staging" if storage.is_url(folder) else Path(folder)
+    scratch.mkdir(parents=True, exist_ok=True)
+    builder = BatchRecordBuilder(config, allowed_audio_roots=settings.audio_roots(), probe_many=probe.probe_many,
+                                 scratch_dir=str(scratch))
     # (sources, fixed split, splits fed): the validation sources come after the train sources in
     # discovery order, so their ids are claimed after every train row.
     if external:
@@ -641,6 +646,7 @@ def _build_splits(settings: Settings, stale: list[str], inputs: dict, log, progr
         raise
     finally:
         probe.close()
+        builder.claims.close()
     results = {}
     for split, summary in summaries.items():
         state = states[split]

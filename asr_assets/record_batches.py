@@ -228,6 +228,8 @@ class DigestClaims:
     TABLE = np.dtype([("low", "<u8"), ("manifest", "<u4"), ("row", "<i8"), ("line", "<i8"), ("split", "u1")])
 
     def __init__(self, directory: str | None = None) -> None:
+        """``directory``: where the table's unlinked file lives (None: the system's temporary
+        folder, which may be RAM-backed; the build passes the record-cache folder)."""
         self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (high uint64, ordinals uint32), sorted by high
         self.count = 0
         self.manifests: list[str] = []
@@ -406,12 +408,14 @@ class BatchRecordBuilder:
             or <= 0; never a segment) and pass every check before it; returns per row seconds or
             the exception (the row is then rejected, stage ``probe``). None: such rows are "no
             duration".
+        scratch_dir: where the duplicate-id table of :class:`DigestClaims` lives (an unlinked
+            file); None: the system's temporary folder.
     """
 
     def __init__(self, config: RecordConfig, *, allowed_audio_roots: Sequence[str] | None = None,
-                 probe_many: Callable[[list[ManifestRow]], list] | None = None):
+                 probe_many: Callable[[list[ManifestRow]], list] | None = None, scratch_dir: str | None = None):
         self.config = config
-        self.claims = DigestClaims()
+        self.claims = DigestClaims(scratch_dir)
         self.roots = [os.path.realpath(r) for r in allowed_audio_roots] if allowed_audio_roots is not None else None
         self.probe_many = probe_many
         self._split_of: dict[str, str] = {}
