@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
 import random
 import shutil
 from pathlib import Path
@@ -82,6 +83,8 @@ def test_digest_claims_first_row_wins_across_batches():
                 expected.append(None)
     assert got == expected and claims.count == len(first)
     assert len(claims.runs) < 12  # merged, not one run per batch
+    assert sum(high.nbytes + ordinals.nbytes for high, ordinals in claims.runs) == 12 * claims.count  # in memory
+    assert claims.TABLE.itemsize == 29 and os.fstat(claims._table.fileno()).st_size == 29 * claims.count  # on disk
 
 
 def _claim_in_batches(claims: DigestClaims, keys: list[str], batch: int) -> tuple[list, list, dict]:
@@ -424,3 +427,20 @@ def test_the_stored_unicode_classes_are_those_of_this_python(monkeypatch):
     monkeypatch.setattr(_unicode_classes, "UNIDATA_VERSION", "0.0.0")  # another Python: scanned, same result
     monkeypatch.setattr(_unicode_classes, "ALNUM", "")
     assert record_batches._class_ranges() == scanned
+
+
+def test_the_build_keeps_its_duplicate_id_table_beside_the_record_cache_and_leaves_nothing(tmp_path, monkeypatch):
+    # /tmp may be RAM-backed: the 29 B per id of the table go to the output's disk.
+    seen = []
+    original = DigestClaims.__init__
+
+    def init(self, directory=None):
+        seen.append(directory)
+        original(self, directory)
+
+    monkeypatch.setattr(DigestClaims, "__init__", init)
+    settings = Settings(manifests=tuple(bundled_sample_manifests()), output=str(tmp_path / "out"))
+    results = build_record_caches(settings, SPLITS)
+    folder = tmp_path / "out" / "record_cache"
+    assert seen == [str(folder)] and sum(r.summary.utterances for r in results.values()) > 0
+    assert not [p for p in tmp_path.rglob("*") if "claims" in p.name]
