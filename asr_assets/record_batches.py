@@ -48,6 +48,7 @@ from .records import (
     Rejection,
     _inside,
     assign_split,
+    missing_audio_reason,
     normalize_transcript,
 )
 
@@ -500,7 +501,7 @@ class BatchRecordBuilder:
                 reason = "no embedded audio bytes (require_audio_bytes)"
             elif require_readable and not (blob or (path is not None and (
                     local_size is not None or remote))):
-                reason = f"audio file not found: {path}"
+                reason = missing_audio_reason(path)
             elif limit is not None and local_size is not None and local_size > limit:
                 reason = (f"audio file is {local_size / 2**20:.2f} MiB ({local_size:,} bytes), over the "
                           f"{limit / 2**20:.4g} MiB limit (max_blob_mb)")

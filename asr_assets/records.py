@@ -236,6 +236,20 @@ def _local_file_size(path: str | None) -> int | None:
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
+def missing_audio_reason(path: str | None) -> str:
+    """The rejection reason of a row whose audio file does not exist. When the file sits in a
+    ``clips/`` folder beside where the path points (Common Voice's own layout: ``path`` cells are
+    bare file names, the audio is in ``clips/``), the reason says so and names the fix."""
+    reason = f"audio file not found: {path}"
+    if path and "://" not in path:
+        folder, name = os.path.split(path)
+        clips = os.path.join(folder, "clips")
+        if os.path.isfile(os.path.join(clips, name)):
+            reason += (f" (a file of that name is in {clips}/, Common Voice's layout: pass --source-base {clips} "
+                       f"(Settings.source_base))")
+    return reason
+
+
 def _audio_readable(row: ManifestRow, local_size: int | None) -> bool:
     if row.audio_bytes:
         return True
@@ -370,7 +384,7 @@ def build_records(
             yield reject("manifest", "no embedded audio bytes (require_audio_bytes)")
             continue
         if config.require_readable_audio and not _audio_readable(row, local_size):
-            yield reject("manifest", f"audio file not found: {row.audio_path}")
+            yield reject("manifest", missing_audio_reason(row.audio_path))
             continue
         limit = config.max_audio_file_bytes
         if limit is not None and local_size is not None and local_size > limit:

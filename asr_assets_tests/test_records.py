@@ -3,6 +3,8 @@ path resolution per root / source_base, transcript normalization, filters, split
 
 from __future__ import annotations
 
+import shutil
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -223,3 +225,27 @@ def test_unchanged_inputs_rewrite_nothing_and_changes_rebuild(tmp_path, monkeypa
     jsonl = settings.record_cache_path("train")
     jsonl.write_bytes(jsonl.read_bytes()[:-5])
     assert not build_record_cache(settings, "train").up_to_date
+
+
+def test_common_voice_layout_with_bare_clip_names_says_how_to_fix_it(tmp_path):
+    """Common Voice's own TSVs name bare files that live in ``clips/``; relative paths resolve
+    against the manifest's folder (spec §2.3), so those rows are not found. The reason says
+    where the file is and the fix; with ``source_base`` = ``clips/`` every row is cached."""
+    from asr_assets.pipeline import build_record_caches
+    from asr_assets.settings import SPLITS, Settings, bundled_sample_manifests
+
+    corpus = tmp_path / "cv"
+    shutil.copytree(bundled_sample_manifests()[1], corpus)
+    manifest = corpus / "manifest.tsv"
+    manifest.write_text(manifest.read_text(encoding="utf-8").replace("\tclips/", "\t"), encoding="utf-8")
+    results = build_record_caches(Settings(manifests=(str(corpus),), output=str(tmp_path / "a")), SPLITS)
+    reasons = [r.reason for res in results.values() for r in res.rejections]
+    assert sum(res.summary.utterances for res in results.values()) == 0 and len(reasons) == 8
+    clips = corpus / "clips"
+    names = sorted(p.name for p in clips.iterdir())
+    assert sorted(reasons) == sorted(f"audio file not found: {corpus / name} (a file of that name is in {clips}/, "
+                                     f"Common Voice's layout: pass --source-base {clips} (Settings.source_base))"
+                                     for name in names)
+    fixed = build_record_caches(Settings(manifests=(str(corpus),), output=str(tmp_path / "b"), source_base=str(clips)),
+                                SPLITS)
+    assert sum(res.summary.utterances for res in fixed.values()) == 8
