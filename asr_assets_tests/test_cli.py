@@ -221,6 +221,7 @@ def test_manifests_that_give_no_record_exit_2_with_one_line(tmp_path, capsys):
     line = _error_line(capsys)
     assert line.startswith("asr-assets: error: no records to cache")
     assert str(bad) in line and "1 with a file-level problem" in line
+    assert f"first {bad}: " in line and "found ['foo', 'bar']" in line and "path|audio" in line  # the columns
     assert str(out / "reports" / "records-{train,validation,test}.jsonl") in line
     assert not (out / "feature-cache").exists()  # nothing to featurize: the feature runs are skipped
     report = (out / "reports" / "records-train.jsonl").read_text()

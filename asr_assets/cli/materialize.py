@@ -363,9 +363,13 @@ def _no_records_message(settings: Settings) -> str:
     files = _manifest_files(settings)
     _, problems = _records_reports(settings)
     # file-level entries, not skipped TSV lines ("line N skipped: ...", see manifests.iter_manifest_rows)
-    broken = len({p.get("manifest") for p in problems if not str(p.get("error", "")).startswith("line ")})
+    whole_file = [p for p in problems if not str(p.get("error", "")).startswith("line ")]
+    broken = len({p.get("manifest") for p in whole_file})
     shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
     whole = f"; {broken} with a file-level problem" if broken else ""
+    if whole_file:  # the first one in full: e.g. the columns a manifest has and those expected
+        first = whole_file[0]
+        whole += f", first {first.get('manifest')}: {str(first.get('error', '')).strip()}"
     reports = settings.output_path / "reports" / f"records-{{{','.join(SPLITS)}}}.jsonl"
     return (f"no records to cache: the manifests gave 0 usable rows ({_common.plural(len(files), 'file')} read: "
             f"{shown}{whole}); reasons per file and row in {reports}")
