@@ -333,3 +333,13 @@ def test_materialize_progress_goes_to_stderr_and_a_no_op_says_up_to_date(tmp_pat
     captured = capsys.readouterr()
     assert "asr-assets: up to date (" in captured.out and "no run started" in captured.out
     assert captured.err == ""
+
+
+def test_ctrl_c_exits_130_with_one_line_and_no_traceback(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "materialize", interrupted)
+    assert cli_main(["materialize", "--output", str(tmp_path / "out"), "--workers", "1"]) == 130
+    line = _error_line(capsys)
+    assert line.startswith("asr-assets: interrupted;") and "run the same command again" in line

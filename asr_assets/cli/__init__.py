@@ -113,3 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         print(f"asr-assets: error: {_common.one_line(exc)}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: no traceback (unless --debug); 128 + SIGINT, as a shell reports it
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        sys.stdout.flush()
+        print("asr-assets: interrupted; what was written is complete (every file appears atomically): run the "
+              "same command again to go on", file=sys.stderr, flush=True)
+        return 130
