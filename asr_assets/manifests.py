@@ -626,9 +626,10 @@ def _audio_cells(array: pa.Array, needed: list[bool], max_blob_bytes: int | None
     rows = [i for i in range(n) if needed[i] and lengths[i] > 0]
     if not _is_binary(kind):
         expected = "a {bytes: binary, path: string} struct or binary" if where.startswith("column") else "binary"
+        fix = ("if it holds file paths, name the column 'path'; if audio bytes, re-export it as binary"
+               if _is_text(kind) else "re-export the column as binary")
         for i in rows:
-            errors[i] = (f"{where} is typed {kind}, not {expected}: its value cannot be used as audio bytes "
-                         "(re-export the column as binary)")
+            errors[i] = f"{where} is typed {kind}, not {expected}: its value cannot be used as audio bytes ({fix})"
         return paths, blobs, errors
     limit = max_blob_bytes
     over = [i for i in rows if limit is not None and lengths[i] > limit]

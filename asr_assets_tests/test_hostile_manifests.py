@@ -147,6 +147,23 @@ def test_audio_bytes_typed_string_is_reported_per_row(tmp_path):
     assert entry["error"].startswith("audio.bytes is typed string, not binary") and entry["audio_source"] == str(src / "gone.flac")
 
 
+
+def test_a_plain_string_audio_column_is_reported_with_the_path_column_fix(tmp_path):
+    # Upstream reads an ``audio`` column as a {bytes, path} struct or binary; a column of file
+    # paths typed string is refused per row, and the reason names both fixes.
+    good = _good_manifest(tmp_path / "good")
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "here.flac").write_bytes((CLIPS / "jfk.flac").read_bytes())
+    pq.write_table(pa.table({"id": ["str_audio"], "audio": ["here.flac"], "text": ["a path typed string"],
+                             "duration": [11.0], "speaker_id": ["spk0"]}), src / "m.parquet")
+    settings = _build(tmp_path, good, src)
+    (entry,) = [e for entries in _reports(settings).values() for e in entries]
+    assert (entry["utterance_id"], entry["stage"], entry["line"]) == ("str_audio", "manifest", 1)
+    assert entry["error"] == ("column 'audio' is typed string, not a {bytes: binary, path: string} struct or binary: "
+                              "its value cannot be used as audio bytes (if it holds file paths, name the column "
+                              "'path'; if audio bytes, re-export it as binary)")
+
 def test_parquet_cells_of_the_wrong_type(tmp_path):
     good = _good_manifest(tmp_path / "good")
     pq.write_table(pa.table({
