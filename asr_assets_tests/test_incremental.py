@@ -66,7 +66,7 @@ def test_manifest_sensor_drop_change_removal_noop(tmp_path):
     assert len(removal.cursor) < 200
 
 
-def test_increments_keep_parts_and_compute_only_new(tmp_path):
+def test_increments_keep_parts_and_compute_only_new(tmp_path, capsys):
     header, rest = _copy_sample(tmp_path)
     out = tmp_path / "out"
     args = ["materialize", "--manifests", str(tmp_path), "--output", str(out), "--workers", "1"]
@@ -76,7 +76,11 @@ def test_increments_keep_parts_and_compute_only_new(tmp_path):
     assert n_before == 5 and before
 
     (tmp_path / "drop2.tsv").write_text(header + "\n" + "\n".join(rest) + "\n", encoding="utf-8")
+    capsys.readouterr()
     assert cli_main(args) == 0
+    log = capsys.readouterr().out
+    for split in SPLITS:  # one pass rebuilt every split: none is logged as untouched
+        assert f"record_cache[{split}]: " in log and f"record_cache[{split}]: up to date" not in log, log
     after = _parts(out)
     assert {p: after[p] for p in before} == before  # every existing part byte-identical
     new_parts = [p for p in after if p not in before]

@@ -14,7 +14,7 @@ from typing import Sequence
 import dagster as dg
 
 from asr_assets.frontends import Frontend
-from asr_assets.pipeline import build_feature_shards, build_record_cache
+from asr_assets.pipeline import build_feature_shards, build_record_cache, build_record_caches
 from asr_assets.record_cache import DURATION_EDGES_S
 
 from .partitions import feature_partition_key, feature_partitions, parse_feature_partition_key, split_partitions
@@ -69,8 +69,12 @@ def record_cache(context: dg.AssetExecutionContext, asr_config: AsrAssetsConfig)
     ``sha256`` included, to its own partition; Dagster then derives the data version from the
     code version and the inputs."""
     settings = asr_config.settings()
-    for split in context.partition_keys:
-        result = build_record_cache(settings, split, log=context.log.info)
+    keys = list(context.partition_keys)
+    # one call for a range: the splits it builds are not logged as "up to date" afterwards
+    results = (build_record_caches(settings, keys, log=context.log.info) if len(keys) > 1
+               else {keys[0]: build_record_cache(settings, keys[0], log=context.log.info)})
+    for split in keys:
+        result = results[split]
         reasons = Counter(r.stage for r in result.rejections)
         metadata = {
             "dagster/row_count": result.summary.utterances,
