@@ -235,18 +235,12 @@ class DigestClaims:
         self.count = 0
         self.manifests: list[str] = []
         self._manifest_index: dict[str, int] = {}
-        self._table = tempfile.TemporaryFile(prefix="asr_assets_claims_", dir=directory)  # unlinked at once
-        self._table_written = 0  # ids in the table file (flushed)
+        # unlinked at once; always holds exactly ``count`` rows (each batch is written and flushed)
+        self._table = tempfile.TemporaryFile(prefix="asr_assets_claims_", dir=directory)
 
     def close(self) -> None:
         """Drop the on-disk table (also done when the object is collected)."""
         self._table.close()
-
-    def __enter__(self) -> "DigestClaims":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     @staticmethod
     def digests(keys: Sequence[str]) -> np.ndarray:
@@ -258,9 +252,9 @@ class DigestClaims:
         """The table rows of ``ordinals`` (any order, repeats allowed)."""
         if not len(ordinals):
             return np.zeros(0, dtype=self.TABLE)
-        table = np.memmap(self._table, dtype=self.TABLE, mode="r", shape=(self._table_written,))
+        table = np.memmap(self._table, dtype=self.TABLE, mode="r", shape=(self.count,))
         try:
-            return np.array(table[ordinals])  # a copy: only the touched pages are read
+            return np.asarray(table[ordinals])  # fancy indexing copies: only the touched pages are read
         finally:
             del table
 
@@ -331,10 +325,8 @@ class DigestClaims:
             rows["line"] = np.asarray(file_rows, dtype=np.int64)[new_index]
             rows["split"] = np.fromiter(map(codes.get, splits, itertools.repeat(len(SPLITS), n)), dtype=np.uint8,
                                         count=n)[new_index]
-            self._table.seek(self._table_written * self.TABLE.itemsize)
-            self._table.write(rows.tobytes())
+            self._table.write(rows.tobytes())  # appended: the file only ever grows at its end
             self._table.flush()
-            self._table_written += len(new_index)
             sort = order[new[order]]  # the new ids, sorted
             self.runs.append((high[sort], ordinals[sort].astype(np.uint32)))
             self.count += len(new_index)
