@@ -415,6 +415,13 @@ class RejectionLog(Sequence):
                 yield Rejection.from_report(json.loads(line))
 
 
+def _local_staging() -> Path:
+    """``<cache_dir>/staging`` (created): local files of a build whose output is on an object store."""
+    staging = storage.cache_dir() / "staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    return staging
+
+
 class _SplitBuild:
     """One split of a single-pass build: its store writer, its report (streamed to a temporary
     file), its cap and counts."""
@@ -425,9 +432,7 @@ class _SplitBuild:
         self.report = settings.records_report_path(split)
         self.remote = storage.is_url(self.report)
         if self.remote:  # streamed to a local file, published with one PUT
-            staging = storage.cache_dir() / "staging"
-            staging.mkdir(parents=True, exist_ok=True)
-            self._report_tmp = tmp_path_for(staging / f"records-{split}-{uuid.uuid4().hex[:8]}.jsonl")
+            self._report_tmp = tmp_path_for(_local_staging() / f"records-{split}-{uuid.uuid4().hex[:8]}.jsonl")
         else:
             self.report.parent.mkdir(parents=True, exist_ok=True)
             self._report_tmp = tmp_path_for(self.report)
@@ -508,7 +513,7 @@ class _SplitBuild:
             self._report_tmp.unlink()
 
 
-def build_record_caches(settings: Settings, splits: Sequence[str] = SPLITS, *,
+def build_record_caches(settings: Settings, splits: Sequence[str] = SPLITS, *, also: Sequence[str] = (),
                         log: Callable[[str], None] | None = None, progress_interval: int = 1000,
                         progress_level: int = logging.DEBUG) -> dict[str, RecordCacheResult]:
     """Build every split of ``splits`` that is not up to date, reading each manifest once for all.
@@ -531,6 +536,9 @@ def build_record_caches(settings: Settings, splits: Sequence[str] = SPLITS, *,
     store a lease lock object, :class:`~asr_assets.storage.ObjectLock`): a second build waiting
     for the first finds its splits up to date.
 
+    ``also``: more splits to build in the same pass if they are stale (not returned; a failure of
+    theirs is not raised), as :func:`build_record_cache` does with every split.
+
     Returns:
         ``{split: RecordCacheResult}`` for ``splits``.
 
@@ -538,7 +546,7 @@ def build_record_caches(settings: Settings, splits: Sequence[str] = SPLITS, *,
         ManifestError: a manifest source is missing or cannot be opened (the splits that do not
             read it are still written, as their own per-split builds would be).
     """
-    results, failed = _record_caches(settings, splits, (), log, progress_interval, progress_level)
+    results, failed = _record_caches(settings, splits, also, log, progress_interval, progress_level)
     for split in splits:
         if split in failed:
             raise failed[split]
@@ -585,7 +593,7 @@ def _build_splits(settings: Settings, stale: list[str], inputs: dict, log, progr
     folder = settings.record_cache_path(SPLITS[0]).parent
     probe = DurationProbe(folder / "probed_durations.parquet", workers=settings.effective_workers)
     # the duplicate-id table (29 B per id) goes to disk beside the cache, not to a /tmp that may be RAM
-    scratch = storage.cache_dir() / "staging" if storage.is_url(folder) else Path(folder)
+    scratch = _local_staging() if storage.is_url(folder) else folder
     scratch.mkdir(parents=True, exist_ok=True)
     builder = BatchRecordBuilder(config, allowed_audio_roots=settings.audio_roots(), probe_many=probe.probe_many,
                                  scratch_dir=str(scratch))

@@ -14,8 +14,9 @@ from typing import Sequence
 import dagster as dg
 
 from asr_assets.frontends import Frontend
-from asr_assets.pipeline import build_feature_shards, build_record_cache, build_record_caches
+from asr_assets.pipeline import build_feature_shards, build_record_caches
 from asr_assets.record_cache import DURATION_EDGES_S
+from asr_assets.settings import SPLITS
 
 from .partitions import feature_partition_key, feature_partitions, parse_feature_partition_key, split_partitions
 from .resources import AsrAssetsConfig
@@ -70,9 +71,8 @@ def record_cache(context: dg.AssetExecutionContext, asr_config: AsrAssetsConfig)
     code version and the inputs."""
     settings = asr_config.settings()
     keys = list(context.partition_keys)
-    # one call for a range: the splits it builds are not logged as "up to date" afterwards
-    results = (build_record_caches(settings, keys, log=context.log.info) if len(keys) > 1
-               else {keys[0]: build_record_cache(settings, keys[0], log=context.log.info)})
+    # one call, every stale split in one pass: none it builds is logged "up to date" afterwards
+    results = build_record_caches(settings, keys, also=SPLITS, log=context.log.info)
     for split in keys:
         result = results[split]
         reasons = Counter(r.stage for r in result.rejections)
