@@ -105,20 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         run = {"frontends": frontends, "compact": compact, "export": export, "record-cache": record_cache,
                "build-record-cache": record_cache, "warm": warm}[args.command]
         return run(args)
-    except AsrAssetsError as exc:
+    except (AsrAssetsError, KeyboardInterrupt) as exc:  # one line on stderr; --debug adds the traceback
         if args.debug:
             import traceback
 
             traceback.print_exc()
         sys.stdout.flush()
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C: 128 + SIGINT, as a shell reports it
+            print("asr-assets: interrupted; what was written is complete (every file appears atomically): run the "
+                  "same command again to go on", file=sys.stderr, flush=True)
+            return 130
         print(f"asr-assets: error: {_common.one_line(exc)}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: no traceback (unless --debug); 128 + SIGINT, as a shell reports it
-        if args.debug:
-            import traceback
-
-            traceback.print_exc()
-        sys.stdout.flush()
-        print("asr-assets: interrupted; what was written is complete (every file appears atomically): run the "
-              "same command again to go on", file=sys.stderr, flush=True)
-        return 130
