@@ -1026,11 +1026,14 @@ def _remote_msg(exc: BaseException, config: DecodeConfig) -> str:
 
 
 def _local_head(source: _Local, name: str) -> bytes:
-    """The first bytes (b"" if unreadable: the backends report why); refuses playlists."""
+    """The first bytes (b"" if unreadable: the backends report why); refuses playlists and
+    empty files (whose backends' messages would not say so)."""
     try:
         head = _read_head(source)
     except OSError:
         return b""
+    if not head:
+        raise AudioDecodeError(name, "empty file (0 bytes)" if isinstance(source, str) else "empty input (0 bytes)")
     kind = _reference_kind(head)
     if kind is not None:
         raise AudioDecodeError(
@@ -1065,7 +1068,8 @@ def decode_audio(
 
     Raises:
         AudioDecodeError: every backend failed (the message names the source and each backend's
-            failure; chained from the last exception), or the stream has 0 samples, a sample rate
+            failure; chained from the last exception), the file or bytes are empty ("empty
+            file (0 bytes)"), or the stream has 0 samples, a sample rate
             below :data:`MIN_SAMPLE_RATE` or zero channels, contains NaN/Inf samples (the reason
             gives the count), or is longer than ``config.max_duration_s``; the source is a
             playlist/concat script, a URL (unless ``remote_audio``; any scheme but http/https),
@@ -1254,7 +1258,7 @@ def probe_duration(source: Source, *, hint: str | None = None,
         Duration in seconds (float, > 0).
 
     Raises:
-        AudioDecodeError: no backend can tell the duration, or the source must not be opened
+        AudioDecodeError: no backend can tell the duration, the source is empty, or it must not be opened
             (see :func:`decode_audio`).
     """
     name = _describe(source, hint)

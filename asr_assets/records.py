@@ -17,6 +17,7 @@ import math
 import os
 import re
 import stat
+import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -239,7 +240,10 @@ def _local_file_size(path: str | None) -> int | None:
 def missing_audio_reason(path: str | None) -> str:
     """The rejection reason of a row whose audio file does not exist. When the file sits in a
     ``clips/`` folder beside where the path points (Common Voice's own layout: ``path`` cells are
-    bare file names, the audio is in ``clips/``), the reason says so and names the fix."""
+    bare file names, the audio is in ``clips/``), the reason says so and names the fix. When the
+    path exists in the other Unicode normalization (NFC vs NFD: manifests written on one system,
+    audio copied from macOS), the reason names the form on disk; paths are never normalized, as
+    upstream."""
     reason = f"audio file not found: {path}"
     if path and "://" not in path:
         folder, name = os.path.split(path)
@@ -247,6 +251,12 @@ def missing_audio_reason(path: str | None) -> str:
         if os.path.isfile(os.path.join(clips, name)):
             reason += (f" (a file of that name is in {clips}/, Common Voice's layout: pass --source-base {clips} "
                        f"(Settings.source_base))")
+        for form in ("NFC", "NFD"):
+            other = unicodedata.normalize(form, path)
+            if other != path and os.path.isfile(other):
+                reason += (f" (the path exists in Unicode {form} form: {other!r}; the manifest's is "
+                           f"{path!r}: write the manifest's paths in the form the file system has)")
+                break
     return reason
 
 

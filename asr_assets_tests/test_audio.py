@@ -242,7 +242,8 @@ BROKEN_EXPECTED = {
     "float32_nan_inf_1pct.wav": None,
 }
 BROKEN_REASON = {
-    "empty.flac": "no samples",
+    "empty.flac": "empty file (0 bytes)",  # not the backends' "format not recognised"
+    "empty.wav": "empty file (0 bytes)",
     "float32_nan_inf_1pct.wav": "1760 of 176000 samples are non-finite",
     "wav_zero_channels.wav": "Channel count is zero",
     "ps_evil.wav": "No 'data' chunk",
@@ -268,6 +269,13 @@ def test_broken_file(name):
     samples, sr = decode_audio(path)
     assert sr == 16000 and len(samples) == expected
     assert samples.dtype == np.float32 and np.all(np.isfinite(samples))
+
+
+def test_empty_input_is_named_as_such():
+    with pytest.raises(AudioDecodeError, match=r"empty input \(0 bytes\)"):
+        decode_audio(b"", hint="x.wav")
+    with pytest.raises(AudioDecodeError, match=r"empty\.wav.*empty file \(0 bytes\)"):
+        probe_duration(BROKEN / "audio" / "empty.wav")
 
 
 def test_all_backends_named_in_error():

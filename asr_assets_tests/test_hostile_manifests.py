@@ -486,7 +486,10 @@ def test_materialize_with_every_hostile_manifest_exits_0(tmp_path, capsys, monke
     assert errors[(None, "quotes_and_bytes.tsv")].startswith("line 3 skipped: not valid UTF-8")
     assert "over the 0.25 MiB limit (max_blob_mb)" in errors[("blob_big", "a.parquet")]  # through the Dagster resource
     assert errors[("str_bytes", "b.parquet")].startswith("audio.bytes is typed string, not binary")
-    assert "manifest problem:" in captured.out
+    problems = [line for line in captured.out.splitlines() if "manifest problem:" in line]
+    assert any(f"manifest problem: {bad / 'quotes_and_bytes.tsv'}: line 3 skipped: not valid UTF-8" in line
+               for line in problems), problems  # which file, which line, why
+    assert f"manifest problems: {sum(1 for e in entries if e['utterance_id'] is None) // len(SPLITS)} " in captured.out
 
 
 def test_live_playlist_silent_server_and_fifo_cost_one_report_each(tmp_path):

@@ -4,6 +4,7 @@ path resolution per root / source_base, transcript normalization, filters, split
 from __future__ import annotations
 
 import shutil
+import unicodedata
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -249,3 +250,26 @@ def test_common_voice_layout_with_bare_clip_names_says_how_to_fix_it(tmp_path):
     fixed = build_record_caches(Settings(manifests=(str(corpus),), output=str(tmp_path / "b"), source_base=str(clips)),
                                 SPLITS)
     assert sum(res.summary.utterances for res in fixed.values()) == 8
+
+
+def test_path_in_the_other_unicode_normalization_is_named(tmp_path):
+    """A manifest in NFC naming a file stored in NFD (copied from macOS) is "not found", as
+    upstream (paths are never normalized); the reason names the form that is on disk."""
+    from asr_assets.pipeline import build_record_caches
+    from asr_assets.settings import SPLITS, Settings, bundled_sample_manifests
+
+    corpus = tmp_path / "cv"
+    shutil.copytree(bundled_sample_manifests()[1], corpus)
+    manifest = corpus / "manifest.tsv"
+    text = manifest.read_text(encoding="utf-8")
+    first = next(p for p in sorted((corpus / "clips").iterdir()) if f"clips/{p.name}" in text)
+    nfc = "caf\u00e9_" + first.name  # 'é' as one code point; on disk as e + U+0301
+    first.rename(first.with_name(unicodedata.normalize("NFD", nfc)))
+    manifest.write_text(text.replace(f"clips/{first.name}", f"clips/{nfc}"), encoding="utf-8")
+    results = build_record_caches(Settings(manifests=(str(corpus),), output=str(tmp_path / "a")), SPLITS)
+    reasons = [r.reason for res in results.values() for r in res.rejections]
+    on_disk = str(corpus / "clips" / unicodedata.normalize("NFD", nfc))
+    assert reasons == [f"audio file not found: {corpus / 'clips' / nfc} (the path exists in Unicode NFD form: "
+                       f"{on_disk!r}; the manifest's is {str(corpus / 'clips' / nfc)!r}: write the manifest's "
+                       "paths in the form the file system has)"]
+    assert sum(res.summary.utterances for res in results.values()) == 7

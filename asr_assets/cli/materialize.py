@@ -407,8 +407,10 @@ def _print_summary(settings: Settings) -> None:
         path = settings.record_cache_path(split)
         if record_cache_exists(path):
             print(f"  {split:<10} {len(RecordStore(path)):>7} records, {rejected.get(split, 0)} manifest rows not cached")
+    if problems:  # not counted above: their rows have no utterance id (skipped lines, unreadable files)
+        print(f"  manifest problems: {len(problems)} (lines skipped or files not read; not counted in the rows above)")
     for entry in problems[:5]:
-        print(f"  manifest problem: {entry.get('error')}")
+        print(f"  manifest problem: {entry.get('manifest')}: {entry.get('error')}")
     if len(problems) > 5:
         print(f"  ... and {len(problems) - 5} more manifest problems in {reports}/records-<split>.jsonl")
     failures = sum(sum(1 for _ in p.open(encoding="utf-8")) for p in reports.glob("*/*/shard_*.jsonl")) if reports.exists() else 0
