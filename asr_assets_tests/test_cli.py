@@ -13,6 +13,8 @@ the CLI and answering ``--help`` / ``frontends`` loads neither scipy.signal, dag
 torch (checked in a fresh interpreter through ``sys.modules``; no wall-clock assertions). The
 feature progress bar (tqdm, rate and ETA) goes to stderr only on a terminal or with
 ``--progress``, replaces the periodic log line, and a second materialize says "up to date".
+The console entry (``console_main``, which skips the interpreter's teardown) keeps main's exit
+status, all buffered output and the atexit handlers, and waits for a live non-daemon thread.
 """
 
 from __future__ import annotations
@@ -286,6 +288,41 @@ def test_start_up_imports_nothing_heavy(argv, also_absent):
     status, loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert status in (0, None) and loaded == []
 
+
+
+def _console(argv: list[str], *, prologue: str = "") -> subprocess.CompletedProcess:
+    """``console_main()`` (the ``asr-assets`` script, ``python -m asr_assets.cli``) in a fresh
+    interpreter with stdout and stderr on pipes (block-buffered: nothing flushed by a newline)."""
+    code = f"{prologue}import sys\nsys.argv = ['asr-assets', *{argv!r}]\nfrom asr_assets.cli import console_main\nconsole_main()\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_console_exit_keeps_the_status_the_output_and_the_exit_handlers(tmp_path, capsys):
+    """The console entry ends with os._exit after main(): the status is main's, buffered output
+    is all there, and atexit handlers (logging shutdown, multiprocessing clean-up, the user's)
+    still run, after the command's output."""
+    assert cli_main(["frontends"]) == 0
+    listing = capsys.readouterr().out
+    result = _console(["frontends"], prologue="import atexit\natexit.register(print, 'exit handler ran')\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == listing + "exit handler ran\n"
+    missing = tmp_path / "nope"
+    result = _console(["materialize", "--manifests", str(missing), "--output", str(tmp_path / "out")])
+    assert result.returncode == 2 and result.stdout == ""
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        f"asr-assets: error: manifest source '{missing}' does not exist"]
+    result = _console(["materialize", "--workers", "0"])  # argparse's own exit (SystemExit) is kept
+    assert result.returncode == 2 and "--workers" in result.stderr
+
+
+def test_console_exit_waits_for_a_live_thread():
+    """A non-daemon thread still running when main() returns is waited for, as a normal exit
+    does: its output is not cut off."""
+    prologue = ("import threading, time\n"
+                "threading.Thread(target=lambda: (time.sleep(0.5), print('thread done', flush=True))).start()\n")
+    result = _console(["frontends"], prologue=prologue)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("thread done\n")
 
 
 # ----------------------------------------------------------------------------- progress

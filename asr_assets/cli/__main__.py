@@ -1,7 +1,5 @@
 """``python -m asr_assets.cli``: the ``asr-assets`` command."""
 
-import sys
+from . import console_main
 
-from . import main
-
-sys.exit(main())
+console_main()
