@@ -712,15 +712,18 @@ class _Worker:
 WORKER_PRELOAD = ("asr_assets.extraction", "av", "scipy.fft", "scipy.linalg.blas")
 
 
-def start_fork_server() -> None:
+def start_fork_server(also: Sequence[str] = ()) -> None:
     """Start the fork server that forks the feature workers now, from the calling (main) thread,
     rather than when the first pool spawns a worker: its imports of :data:`WORKER_PRELOAD`
-    (~0.5 s) then run in their own process beside the caller's start-up (Dagster's import and
-    instance, the record cache) instead of before the first utterance. Idempotent; the server
-    exits with this process. ``asr-assets materialize`` calls it when a run will featurize."""
+    (~0.5 s) and of the modules ``also`` names then run in their own process beside the caller's
+    start-up (Dagster's import and instance, the record cache) instead of before the first
+    utterance. Idempotent (``also`` counts only for the call that starts the server); the
+    server exits with this process. ``asr-assets materialize`` calls it when a run will
+    featurize, with ``also`` = :data:`asr_assets.summary.PLOT_MODULES` for the summary's plot
+    workers."""
     from multiprocessing import forkserver
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_PRELOAD))
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(dict.fromkeys((*WORKER_PRELOAD, *also))))
     forkserver.ensure_running()
 
 

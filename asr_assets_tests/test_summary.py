@@ -4,7 +4,8 @@ Covers: utterances, hours and speakers against the JSONL and sidecar files read 
 vs already cached after an incremental run; per-bin feature mean and std, merged from the shard
 stats sidecars (no payload read by the summary), against every feature loaded with a spec-only
 reader; compaction drops the per-bin entries of the parts it replaces and the report says what
-is left out; the Markdown carries three PNG plots as data URIs that decode as images.
+is left out; the Markdown carries three PNG plots as data URIs that decode as images, the
+same bytes whether this process or worker processes render them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from PIL import Image
 from asr_assets.feature_cache import ShardedParquetFeatureCache, compact_split, list_parts, shard_dir
 from asr_assets.pipeline import build_feature_shards, build_record_cache
 from asr_assets.settings import Settings, bundled_sample_manifests
-from asr_assets.summary import summarize_split, summary_markdown
+from asr_assets.summary import summaries_markdown, summarize_split, summary_markdown
 
 from .test_graph import independent_features
 
@@ -116,6 +117,22 @@ def test_markdown_has_the_numbers_and_three_png_plots(tmp_path):
     assert "`squeezeformer` standardizes every bin" in markdown
     features.mean = features.mean + 0.5  # un-normalized log-mel (zipformer) gets no such note
     assert "standardizes every bin" not in summary_markdown(summary)
+
+
+def test_summaries_rendered_by_worker_processes_are_the_same_bytes(tmp_path):
+    """summaries_markdown with workers renders each split in a forkserver child: the Markdown,
+    PNG bytes included, is exactly what this process renders, in the splits' order."""
+    settings = Settings(manifests=tuple(bundled_sample_manifests()), output=str(tmp_path / "out"), workers=1)
+    summaries = []
+    for split in ("train", "validation"):
+        build_record_cache(settings, split)
+        build_feature_shards(settings, "squeezeformer", split, range(64))
+        summaries.append(summarize_split(settings, split))
+    here = [summary_markdown(s) for s in summaries]
+    assert [m.splitlines()[0].split(":")[0] for m in here] == ["### train", "### validation"]
+    assert here[0] != here[1] and all(m.count("data:image/png;base64,") == 3 for m in here)
+    assert summaries_markdown(summaries, workers=2) == here
+    assert summaries_markdown(summaries, workers=1) == here
 
 
 def test_summary_imports_neither_dagster_nor_matplotlib():

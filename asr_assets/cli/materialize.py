@@ -226,8 +226,9 @@ def materialize(settings: Settings, progress: bool | None = None, executor: str 
 
     if executor == "in_process":  # features, if any, are computed here: the workers' fork server
         from ..extraction import start_fork_server  # starts beside Dagster's import, not after it
+        from ..summary import PLOT_MODULES
 
-        start_fork_server()
+        start_fork_server(also=PLOT_MODULES)  # the split summary's plots are drawn by its forks too
 
     import dagster as dg
 

@@ -167,13 +167,11 @@ def build_feature_asset(frontend: Frontend) -> dg.AssetsDefinition:
     return _features
 
 
-def _summary_metadata(summary) -> dict:
+def _summary_metadata(summary, markdown: str) -> dict:
     """Dagster metadata of one split's :class:`~asr_assets.summary.SplitSummary`: the numbers
-    (plotted over time on the asset's page) and the Markdown report with its plots."""
-    from asr_assets.summary import summary_markdown
-
+    (plotted over time on the asset's page) and its ``markdown`` report with the plots."""
     metadata = {
-        "summary": dg.MetadataValue.md(summary_markdown(summary)),
+        "summary": dg.MetadataValue.md(markdown),
         "dagster/row_count": summary.utterances,
         "audio_hours": round(summary.audio_hours, 4),
         "speakers": summary.speakers,
@@ -216,11 +214,13 @@ def build_summary_asset(frontends: Sequence[Frontend], feature_assets: Sequence[
                      "histograms and each frontend's per-bin feature mean ± std (open the `summary` metadata)."),
     )
     def _split_summary(context: dg.AssetExecutionContext, asr_config: AsrAssetsConfig) -> dg.MaterializeResult:
-        from asr_assets.summary import summarize_split
+        from asr_assets.summary import summaries_markdown, summarize_split
 
         settings = asr_config.settings(frontends=names)
-        for split in context.partition_keys:
-            metadata = _summary_metadata(summarize_split(settings, split, frontends))
+        summaries = [summarize_split(settings, split, frontends) for split in context.partition_keys]
+        markdowns = summaries_markdown(summaries, workers=settings.effective_workers)  # the splits' plots at once
+        for split, summary, markdown in zip(context.partition_keys, summaries, markdowns):
+            metadata = _summary_metadata(summary, markdown)
             if len(context.partition_keys) == 1:
                 return dg.MaterializeResult(metadata=metadata)
             context.add_asset_metadata(metadata, partition_key=split)
