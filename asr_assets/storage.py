@@ -279,16 +279,17 @@ def put(url: str, data: bytes) -> None:
     fs.pipe_file(path, data)
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+def write_atomic(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> None:
     """Write ``data`` at a local path or a URL so that readers see the old content or the new,
-    never a mix: on an object store one PUT (:func:`put`; last writer wins), locally a synced
-    temporary file renamed into place (:func:`asr_assets._fs.atomic_write_bytes`)."""
+    never a mix: on an object store one PUT (:func:`put`; last writer wins), locally a temporary
+    file renamed into place, synced first unless ``durable=False``
+    (:func:`asr_assets._fs.atomic_write_bytes`)."""
     if is_url(path):
         put(str(path), data)
         return
     from ._fs import atomic_write_bytes
 
-    atomic_write_bytes(Path(path), data)
+    atomic_write_bytes(Path(path), data, durable=durable)
 
 
 _no_conditional_writes: set[str] = set()

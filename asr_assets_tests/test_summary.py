@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from asr_assets.feature_cache import ShardedParquetFeatureCache, compact_split, list_parts, shard_dir
-from asr_assets.pipeline import build_feature_shards, build_record_cache
+from asr_assets.pipeline import build_feature_shards, build_record_cache, read_shard_stats, shard_stats_path
 from asr_assets.settings import Settings, bundled_sample_manifests
 from asr_assets.summary import summaries_markdown, summarize_split, summary_markdown
 
@@ -140,3 +140,42 @@ def test_summary_imports_neither_dagster_nor_matplotlib():
             "print(sorted(m for m in ('dagster', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]"  # matplotlib loads when a plot is drawn
+
+
+def test_parts_are_synced_and_a_stats_sidecar_left_short_counts_as_absent(tmp_path, monkeypatch):
+    """Parts are fsynced before their rename; a shard's stats sidecar is not (a summary of the
+    parts): one a power loss left empty or cut reads as absent, and the summary covers the other
+    shards' utterances and says how many it covers."""
+    import os
+
+    settings = Settings(manifests=tuple(bundled_sample_manifests()), output=str(tmp_path / "out"), workers=1,
+                        frontends=("zipformer",))
+    build_record_cache(settings, "train")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    stats = build_feature_shards(settings, "zipformer", "train", range(64))
+    monkeypatch.undo()
+    written = [name for s in stats.values() for name in s.part_names]
+    assert written and sorted(n.split(".tmp.")[0].lstrip(".") for n in synced if n.startswith(".part_")) == sorted(written)
+    assert not [n for n in synced if ".stats-" in n or "asr_assets_index" in n], synced
+
+    root = settings.feature_split_root("train")
+    whole = summarize_split(settings, "train").features[0]
+    busy = sorted(shard for shard, s in stats.items() if s.computed)
+    cut, emptied = busy[0], busy[1]
+    for shard, keep in ((cut, 0.5), (emptied, 0.0)):
+        path = shard_stats_path(root, shard, ZIPFORMER_HASH)
+        data = path.read_bytes()
+        path.write_bytes(data[:int(len(data) * keep)])
+        assert read_shard_stats(root, shard, ZIPFORMER_HASH) is None
+    partial = summarize_split(settings, "train").features[0]
+    lost = stats[cut].computed + stats[emptied].computed
+    assert partial.with_features == whole.with_features == whole.records
+    assert partial.moments_utterances == whole.moments_utterances - lost
+    assert "Per-bin stats leave out" in summary_markdown(summarize_split(settings, "train"))
