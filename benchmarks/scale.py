@@ -162,7 +162,7 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import end_to_end
 
-        end_to_end.print_table(end_to_end.measure(args.hours, args.workers))
+        end_to_end.print_table(end_to_end.measure(args.hours, args.workers, repeat=max(1, args.repeat)))
 
 
 if __name__ == "__main__":
