@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import math
 import os
 from collections import Counter
@@ -46,6 +47,8 @@ from .frontends import Frontend
 from .pipeline import listed_failure_reports, read_shard_stats
 from .record_cache import RecordStore, record_cache_exists
 from .settings import Settings
+
+logger = logging.getLogger(__name__)
 
 #: Record-cache sample rate: ``num_samples`` sidecar entries are at 16 kHz (spec §1).
 RECORD_SAMPLE_RATE_HZ = 16000
@@ -330,15 +333,22 @@ def summaries_markdown(summaries: Sequence[SplitSummary], workers: int = 1) -> l
     more than one summary, up to ``workers`` processes of the ``forkserver`` context render one
     summary each at once (a split's three plots take ~0.25 s to draw, and matplotlib's import
     another ~0.5 s unless the fork server preloads :data:`PLOT_MODULES`); else this process
-    renders them one after the other. Same bytes either way."""
+    renders them one after the other. Same bytes either way; a pool that cannot start or loses a
+    process (the OOM killer, say) leaves the rendering to this process, with a warning."""
     if workers <= 1 or len(summaries) <= 1:
         return [summary_markdown(s) for s in summaries]
     import concurrent.futures
     import multiprocessing
+    from concurrent.futures.process import BrokenProcessPool
 
-    with concurrent.futures.ProcessPoolExecutor(min(workers, len(summaries)),
-                                                mp_context=multiprocessing.get_context("forkserver")) as pool:
-        return list(pool.map(summary_markdown, summaries))
+    try:
+        with concurrent.futures.ProcessPoolExecutor(min(workers, len(summaries)),
+                                                    mp_context=multiprocessing.get_context("forkserver")) as pool:
+            return list(pool.map(summary_markdown, summaries))
+    except (BrokenProcessPool, OSError) as exc:
+        logger.warning("summary plots: worker processes failed (%s: %s); drawing them in this process",
+                       type(exc).__name__, exc)
+        return [summary_markdown(s) for s in summaries]
 
 
 def summary_markdown(summary: SplitSummary, *, plots: bool = True) -> str:

@@ -5,7 +5,8 @@ vs already cached after an incremental run; per-bin feature mean and std, merged
 stats sidecars (no payload read by the summary), against every feature loaded with a spec-only
 reader; compaction drops the per-bin entries of the parts it replaces and the report says what
 is left out; the Markdown carries three PNG plots as data URIs that decode as images, the
-same bytes whether this process or worker processes render them.
+same bytes whether this process or worker processes render them (this process draws them when a
+worker dies).
 """
 
 from __future__ import annotations
@@ -133,6 +134,34 @@ def test_summaries_rendered_by_worker_processes_are_the_same_bytes(tmp_path):
     assert here[0] != here[1] and all(m.count("data:image/png;base64,") == 3 for m in here)
     assert summaries_markdown(summaries, workers=2) == here
     assert summaries_markdown(summaries, workers=1) == here
+
+
+def _die_in_a_worker():
+    """Unpickled in a pool process: kills it, as the OOM killer would."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_summaries_are_drawn_here_when_a_worker_process_dies(tmp_path, caplog):
+    from asr_assets.summary import SplitSummary
+
+    class KillsItsWorker(SplitSummary):
+        def __reduce__(self):  # what a pool process gets: a call that kills it
+            return (_die_in_a_worker, ())
+
+    settings = Settings(manifests=tuple(bundled_sample_manifests()), output=str(tmp_path / "out"), workers=1)
+    summaries = []
+    for split in ("train", "validation"):
+        build_record_cache(settings, split)
+        summaries.append(summarize_split(settings, split))
+    here = [summary_markdown(s) for s in summaries]
+    doomed = object.__new__(KillsItsWorker)
+    doomed.__dict__.update(summaries[1].__dict__)
+    with caplog.at_level("WARNING", logger="asr_assets.summary"):
+        assert summaries_markdown([summaries[0], doomed], workers=2) == here
+    assert "summary plots: worker processes failed (BrokenProcessPool" in caplog.text
 
 
 def test_summary_imports_neither_dagster_nor_matplotlib():
