@@ -220,24 +220,27 @@ def measure(hours: float = 1.0, workers: int = 2, data: Path = REPO / "asr_asset
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _runs(values: list[float], digits: int = 1) -> str:
+    return ", ".join(f"{v:.{digits}f}" for v in values)
+
+
 def print_table(f: dict) -> None:
     print(f"\n{f['hours']:.2f} h of real speech ({f['files']} FLAC files from {f['clips']} clips), {f['workers']} workers, "
           "squeezeformer fbank (lhotse: Fbank, LilcomChunkyWriter)\n")
-    runs = lambda values: ", ".join(f"{v:.1f}" for v in values)  # noqa: E731
     print(f"| run | wall s (median of {f['repeat']}) | goal |\n|---|---:|---|")
     ratio = ""
     if f["lhotse"]:
         pairs = [a / b for a, b in zip(f["first_all"], f["lhotse_all"])]
         ratio = f" ({f['first'] / f['lhotse']:.2f}x lhotse; run by run {min(pairs):.2f}-{max(pairs):.2f}x)"
-    print(f"| asr-assets materialize, first run | {f['first']:.1f}{ratio} [{runs(f['first_all'])}] | <= 0.8x lhotse |")
+    print(f"| asr-assets materialize, first run | {f['first']:.1f}{ratio} [{_runs(f['first_all'])}] | <= 0.8x lhotse |")
     if f["lhotse"]:
-        print(f"| lhotse compute_and_store_features | {f['lhotse']:.1f} [{runs(f['lhotse_all'])}] | |")
+        print(f"| lhotse compute_and_store_features | {f['lhotse']:.1f} [{_runs(f['lhotse_all'])}] | |")
     print(f"| library feature stage alone (build_feature_shards, no Dagster) | {f['feature_stage']:.1f} | |")
     print(f"| of which writing parts + indexes (main process) vs decoding + featurizing (worker time) | "
           f"{f['write_s']:.2f} vs {f['compute_s']:.2f} ({f['write_s'] / max(f['compute_s'], 1e-9):.2f}x) | <= 0.5x |")
     print(f"| asr-assets materialize, no-op ({f['rewritten']} files rewritten) | {f['noop']:.2f} | <= 5 s, 0 files |")
     print(f"| asr-assets materialize, +1 % ({f['new_rows']} rows, {f['new_audio']:.0f} s) | {f['plus']:.2f} "
-          f"[{', '.join(f'{v:.2f}' for v in f['plus_all'])}] | "
+          f"[{_runs(f['plus_all'], 2)}] | "
           f"<= {f['plus_budget']:.2f} s (no-op + 1.5x featurizing the new rows) |")
 
 
