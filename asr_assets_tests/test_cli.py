@@ -15,6 +15,8 @@ feature progress bar (tqdm, rate and ETA) goes to stderr only on a terminal or w
 ``--progress``, replaces the periodic log line, and a second materialize says "up to date".
 The console entry (``console_main``, which skips the interpreter's teardown) keeps main's exit
 status, all buffered output and the atexit handlers, and waits for a live non-daemon thread.
+Ctrl-C exits 130 with one line, also when it lands inside a features run (which Dagster marks
+failed; no run starts after it, and the same command again completes the cache).
 """
 
 from __future__ import annotations
@@ -380,3 +382,81 @@ def test_ctrl_c_exits_130_with_one_line_and_no_traceback(tmp_path, capsys, monke
     assert cli_main(["materialize", "--output", str(tmp_path / "out"), "--workers", "1"]) == 130
     line = _error_line(capsys)
     assert line.startswith("asr-assets: interrupted;") and "run the same command again" in line
+
+
+def _without_dagster_watcher_tracebacks(stderr: str) -> list[str]:
+    """The non-empty lines of ``stderr`` without the KeyboardInterrupt tracebacks of Dagster's
+    compute-log watcher (``dagster/_core/execution/scripts/watch_orphans.py``, a Python process
+    Dagster starts beside each ``tail`` that mirrors a run's output; it has no SIGINT handling, so
+    a Ctrl-C sent to the whole process group makes it print one). Any other traceback is kept."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    kept, block = [], None
+    for line in lines:
+        if line.startswith("Traceback (most recent call last):"):
+            block = [line]
+        elif block is not None:
+            block.append(line)
+            if not line.startswith(" "):  # the exception line ends the traceback
+                if not (line == "KeyboardInterrupt" and any("watch_orphans.py" in b for b in block)):
+                    kept += block
+                block = None
+        else:
+            kept.append(line)
+    return kept + (block or [])
+
+
+def test_ctrl_c_during_a_features_run_stops_the_command_with_130(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while a features run
+    computes: Dagster turns it into a failed run and returns; the command stops there (no
+    summary run), says "interrupted" in one stderr line, exits 130, and the same command run
+    again completes what is left."""
+    import os
+    import signal
+    import time
+
+    import dagster as dg
+    import numpy as np
+
+    import asr_assets_tests.plugin_slow  # noqa: F401 - registers slow-energy here too
+    from asr_assets.audio import load_audio
+    from asr_assets.feature_cache import ShardedParquetFeatureCache
+    from asr_assets.settings import bundled_sample_manifests
+    from asr_assets_tests.plugin_example import frame_energy
+
+    started = tmp_path / "started"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ASR_ASSETS_")},  # DAGSTER_HOME: the test's own
+           "ASR_ASSETS_TEST_STARTED": str(started),  # the plugin's module is found from the repo root:
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
+    argv = [sys.executable, "-m", "asr_assets.cli", "materialize", "--manifests", bundled_sample_manifests()[1],
+            "--output", str(tmp_path / "out"), "--plugin", "asr_assets_tests.plugin_slow", "--frontend", "slow-energy",
+            "--workers", "1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), proc.communicate(timeout=60)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert _without_dagster_watcher_tracebacks(err) == [
+        "asr-assets: interrupted; what was written is complete (every file appears atomically): run the same "
+        "command again to go on"]
+    assert "RUN_FAILURE" in out  # Dagster's log of the interrupted run, on stdout
+    jobs = sorted(r.job_name for r in dg.DagsterInstance.get().get_runs())
+    assert jobs == ["features_job", "record_cache_job"]  # no summary run after the interrupted one
+    again = subprocess.run(argv, capture_output=True, text=True, env={**env, "ASR_ASSETS_TEST_PAUSE_S": "0"},
+                           cwd=tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr
+    n = 0
+    for split in SPLITS:
+        cache = ShardedParquetFeatureCache(tmp_path / "out" / "feature-cache" / split)
+        for record in RecordStore(tmp_path / "out" / "record_cache" / f"{split}.jsonl"):
+            feats = cache.load(record["utterance_id"], frontend="slow-energy")
+            np.testing.assert_allclose(feats, frame_energy(load_audio(record["audio_path"])), atol=1e-6)
+            n += 1
+    assert n == 8

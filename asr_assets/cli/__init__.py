@@ -20,8 +20,9 @@ only when ``DAGSTER_HOME`` exists. Exit status: 0 when done (utterances that fai
 ``<output>/reports/``, or logged by ``warm``), 1 when a run failed (``warm --fail-fast`` hit a
 bad row), 2 on an error the user can act on: a bad setting or flag (unknown frontend,
 ``--workers 0``, an ``--output`` that is a file or cannot be written, a missing manifest, a flag
-value the library cannot honour), or manifests that give no record at all. Such an error is one
-line on stderr (``--debug`` adds the traceback).
+value the library cannot honour), or manifests that give no record at all, 130 on Ctrl-C (also
+inside a Dagster run, which Dagster then marks failed; no later run starts). Such an error, or
+the interruption, is one line on stderr (``--debug`` adds the traceback).
 
 Logging (:mod:`asr_assets.logs`) is configured here, once per call of :func:`main`: info by
 default, ``-v`` debug, ``-vv`` trace, or ``ASR_ASSETS_LOG``.

@@ -274,6 +274,8 @@ def materialize(settings: Settings, progress: bool | None = None, executor: str 
                 result = dg.execute_job(reconstructable_job(settings, job_name, executor), instance=instance,
                                         run_config={**_QUIET_LOGS, **execution}, tags=tags, raise_on_error=False)
         sys.stdout.flush()
+        if _interrupted(result):  # Ctrl-C inside the run: stop here, as at any other moment (exit 130)
+            raise KeyboardInterrupt
         if not result.success:
             print(f"asr-assets: run {result.run_id} ({what}) FAILED; see its log on stdout or in `dagster dev`",
                   file=sys.stderr)
@@ -333,6 +335,20 @@ def materialize(settings: Settings, progress: bool | None = None, executor: str 
                      run_tags("split_summary", ",".join(changed))) and ok
     _print_summary(settings)
     return 0 if ok else 1
+
+
+def _interrupted(result) -> bool:
+    """Did Ctrl-C (SIGINT; Dagster maps SIGTERM to it while it runs) end this run? Inside a run
+    Dagster turns the signal into a failed step (``DagsterExecutionInterruptedError``) and a run
+    failure of reason ``UNEXPECTED_TERMINATION``, and returns: no KeyboardInterrupt reaches the
+    caller, which would otherwise go on with the next run and report a failure."""
+    event = None if result.success else result.get_run_failure_event()
+    if event is None:
+        return False
+    data = event.job_failure_data
+    reason = getattr(data.failure_reason, "name", None)
+    error = data.error.cls_name if data.error is not None else None
+    return reason == "UNEXPECTED_TERMINATION" or error in ("KeyboardInterrupt", "DagsterExecutionInterruptedError")
 
 
 def _execute_job_run(settings_json: str, job_name: str, executor: str, partition_key: str,
