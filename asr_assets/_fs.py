@@ -45,12 +45,15 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None
     it (for files that are only a summary of others, whose readers treat an unreadable file as
     absent) that can happen, and one fsync (~2 ms here) is saved."""
     tmp = tmp_path_for(path)
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        if durable:
-            handle.flush()
-            os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # nothing left behind when the write or the rename failed
 
 
 @contextlib.contextmanager

@@ -611,17 +611,10 @@ def update_shard_index(split_root: str | os.PathLike, shard: int) -> Path | None
                 spans = entry.spans or [(-1, -1)] * n
                 rows["offset"].extend(o for o, _ in spans)
                 rows["length"].extend(s for _, s in spans)
-            if remote:
-                target = storage.join(directory, SHARD_INDEX_NAME)
-                storage.put(target, storage.parquet_bytes(pa.table(rows, schema=_INDEX_SCHEMA), compression="zstd"))
-                return target
-            target = directory / SHARD_INDEX_NAME
-            tmp = directory / f"{SHARD_INDEX_NAME}{tmp_suffix()}"
-            try:
-                pq.write_table(pa.table(rows, schema=_INDEX_SCHEMA), tmp, compression="zstd")
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+            # unsynced: a summary of the parts; one a power loss left short reads as absent ({})
+            target = storage.join(directory, SHARD_INDEX_NAME) if remote else directory / SHARD_INDEX_NAME
+            storage.write_atomic(target, storage.parquet_bytes(pa.table(rows, schema=_INDEX_SCHEMA), compression="zstd"),
+                                 durable=False)
             return target
     except (OSError, pa.ArrowException) as exc:  # a part vanished mid-way, read-only storage ...
         logger.debug("shard index of %s not updated: %s", directory, exc)
