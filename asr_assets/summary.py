@@ -335,20 +335,19 @@ def summaries_markdown(summaries: Sequence[SplitSummary], workers: int = 1) -> l
     another ~0.5 s unless the fork server preloads :data:`PLOT_MODULES`); else this process
     renders them one after the other. Same bytes either way; a pool that cannot start or loses a
     process (the OOM killer, say) leaves the rendering to this process, with a warning."""
-    if workers <= 1 or len(summaries) <= 1:
-        return [summary_markdown(s) for s in summaries]
-    import concurrent.futures
-    import multiprocessing
-    from concurrent.futures.process import BrokenProcessPool
+    if workers > 1 and len(summaries) > 1:
+        import concurrent.futures
+        import multiprocessing
+        from concurrent.futures.process import BrokenProcessPool
 
-    try:
-        with concurrent.futures.ProcessPoolExecutor(min(workers, len(summaries)),
-                                                    mp_context=multiprocessing.get_context("forkserver")) as pool:
-            return list(pool.map(summary_markdown, summaries))
-    except (BrokenProcessPool, OSError) as exc:
-        logger.warning("summary plots: worker processes failed (%s: %s); drawing them in this process",
-                       type(exc).__name__, exc)
-        return [summary_markdown(s) for s in summaries]
+        try:
+            with concurrent.futures.ProcessPoolExecutor(min(workers, len(summaries)),
+                                                        mp_context=multiprocessing.get_context("forkserver")) as pool:
+                return list(pool.map(summary_markdown, summaries))
+        except (BrokenProcessPool, OSError) as exc:
+            logger.warning("summary plots: worker processes failed (%s: %s); drawing them in this process",
+                           type(exc).__name__, exc)
+    return [summary_markdown(s) for s in summaries]
 
 
 def summary_markdown(summary: SplitSummary, *, plots: bool = True) -> str:

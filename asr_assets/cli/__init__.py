@@ -146,4 +146,4 @@ def console_main() -> None:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe or stream: what a normal exit would also lose
             pass
-    os._exit(status if isinstance(status, int) else 1)
+    os._exit(status)

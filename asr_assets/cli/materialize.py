@@ -340,15 +340,11 @@ def materialize(settings: Settings, progress: bool | None = None, executor: str 
 def _interrupted(result) -> bool:
     """Did Ctrl-C (SIGINT; Dagster maps SIGTERM to it while it runs) end this run? Inside a run
     Dagster turns the signal into a failed step (``DagsterExecutionInterruptedError``) and a run
-    failure of reason ``UNEXPECTED_TERMINATION``, and returns: no KeyboardInterrupt reaches the
-    caller, which would otherwise go on with the next run and report a failure."""
+    failure of reason ``UNEXPECTED_TERMINATION`` (the reason it gives interrupted runs only), and
+    returns: no KeyboardInterrupt reaches the caller, which would otherwise go on with the next
+    run and report a failure."""
     event = None if result.success else result.get_run_failure_event()
-    if event is None:
-        return False
-    data = event.job_failure_data
-    reason = getattr(data.failure_reason, "name", None)
-    error = data.error.cls_name if data.error is not None else None
-    return reason == "UNEXPECTED_TERMINATION" or error in ("KeyboardInterrupt", "DagsterExecutionInterruptedError")
+    return event is not None and getattr(event.job_failure_data.failure_reason, "name", None) == "UNEXPECTED_TERMINATION"
 
 
 def _execute_job_run(settings_json: str, job_name: str, executor: str, partition_key: str,
