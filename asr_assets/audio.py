@@ -74,6 +74,7 @@ stream that fails part-way (network error or timeout) is an error, not a short c
 
 from __future__ import annotations
 
+import array
 import contextlib
 import dataclasses
 import io
@@ -81,6 +82,7 @@ import math
 import os
 import re
 import struct
+import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Iterator, NamedTuple, Union
@@ -117,6 +119,7 @@ MIN_SAMPLE_RATE = 4000
 Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
 
 _BLOCK_FRAMES = 1 << 16  # soundfile read block (frames)
+_PREALLOC_FRAMES = 1 << 23  # mono frames allocated ahead from a header's length (32 MiB; then grown)
 #: Seconds decoded before a segment's start and dropped, for the libsndfile subtypes whose
 #: decoder needs past frames to give, after a seek, the samples of a decode from the start
 #: (MP3: the bit reservoir, the IMDCT overlap and the synthesis filter; measured exact to
@@ -401,10 +404,29 @@ def _crc8(data: bytes) -> int:
     return crc
 
 
+#: The CRC-16 table for two bytes at once: ``_CRC16_WORDS[v]`` is the CRC of the big-endian
+#: 16-bit word ``v``. With a 16-bit register, the CRC after a word ``w`` is ``table[crc ^ w]``:
+#: half the steps of the byte table (~3x faster over a frame). Built on first use (~15 ms).
+_CRC16_WORDS: list[int] | None = None
+
+
 def _crc16(data: bytes) -> int:
-    crc, table = 0, _CRC16
-    for b in data:
-        crc = ((crc << 8) & 0xFFFF) ^ table[(crc >> 8) ^ b]
+    """FLAC's frame CRC-16 (RFC 9639 section 9.3: polynomial 0x8005, initial value 0, not
+    reflected; ``_crc16(b"123456789") == 0xFEE8``), two bytes per step."""
+    global _CRC16_WORDS
+    table = _CRC16_WORDS
+    if table is None:  # complete before it is shared (threads may decode at once)
+        table = _CRC16_WORDS = [((_CRC16[v >> 8] << 8) & 0xFFFF) ^ _CRC16[(_CRC16[v >> 8] >> 8) ^ (v & 0xFF)]
+                                for v in range(1 << 16)]
+    even = len(data) & ~1
+    words = array.array("H", data[:even])
+    if sys.byteorder == "little":
+        words.byteswap()
+    crc = 0
+    for word in words:
+        crc = table[crc ^ word]
+    if even != len(data):
+        crc = ((crc << 8) & 0xFFFF) ^ _CRC16[(crc >> 8) ^ data[-1]]
     return crc
 
 
@@ -672,15 +694,38 @@ def _decode_soundfile(source: _Local, ext: str, config: DecodeConfig,
             # FFmpeg's decode to 2e-6): read it in one call, at most one block past the cap.
             chunk = int(f.frames) if limit is None else min(int(f.frames), limit + 1)
             chunk = max(chunk, 1)
-        buf = np.empty((chunk, channels), dtype=np.float32)
+        # Mono (nearly every speech corpus) is read straight into the result: no copy of each
+        # block, no concatenation (~0.5 ms of a ~4 ms decode of a 7 s FLAC). Its capacity is
+        # the header's length plus one frame, so a stream longer than its header says is seen
+        # (and read on, the buffer grown); within the cap and _PREALLOC_FRAMES, since a hostile
+        # header may claim anything.
+        frames = int(f.frames) if 0 < f.frames < _UNKNOWN_FRAMES else 0
+        if channels == 1:
+            ahead = frames if limit is None else min(frames, limit)
+            if chunk == _BLOCK_FRAMES:  # (an MP3 keeps its one read of the whole stream)
+                ahead = min(ahead, _PREALLOC_FRAMES)
+            out = np.empty(ahead + 1 if frames else chunk, dtype=np.float32)
+        else:
+            buf = np.empty((chunk, channels), dtype=np.float32)
         while True:
+            if channels == 1:
+                if total == len(out):
+                    grown = np.empty(max(2 * len(out), total + chunk), dtype=np.float32)
+                    grown[:total] = out
+                    out = grown
+                want = min(chunk, len(out) - total)
+            else:
+                want = chunk
             try:
-                n = f.read(frames=chunk, dtype="float32", always_2d=True, out=buf).shape[0]
+                if channels == 1:
+                    n = f.read(frames=want, dtype="float32", out=out[total:total + want]).shape[0]
+                else:
+                    n = f.read(frames=want, dtype="float32", always_2d=True, out=buf).shape[0]
             except (sf.LibsndfileError, RuntimeError):
                 # Damaged stream (e.g. truncated FLAC "lost sync"): libsndfile raises after
-                # filling part of ``buf``; its position tells how many frames are valid.
+                # filling part of the buffer; its position tells how many frames are valid.
                 try:
-                    n = min(max(f.tell() - total, 0), chunk)
+                    n = min(max(f.tell() - total, 0), want)
                 except Exception:  # noqa: BLE001
                     n = 0
                 if total + n == 0:
@@ -688,13 +733,17 @@ def _decode_soundfile(source: _Local, ext: str, config: DecodeConfig,
                 damaged = True
             if n == 0:
                 break
-            block = buf[:n]
-            blocks.append(block[:, 0].copy() if channels == 1 else block.mean(axis=1))
+            if channels > 1:
+                blocks.append(buf[:n].mean(axis=1))
             total += n
             if limit is not None and total > limit:
                 raise _TooLong(f"longer than max_duration_s={config.max_duration_s} s")
             if damaged:
                 break
+    if channels == 1:
+        if total == 0:
+            raise ValueError("no samples")
+        return _Decoded(out[:total], sample_rate, damaged, is_flac, fl.true_length if fl else None)
     samples, sample_rate = _finish(blocks, sample_rate)
     return _Decoded(samples, sample_rate, damaged, is_flac, fl.true_length if fl else None)
 

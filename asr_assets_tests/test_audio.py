@@ -287,6 +287,56 @@ def test_all_backends_named_in_error():
     assert info.value.__cause__ is not None
 
 
+# --------------------------------------------------------------------------- FLAC frame CRC-16
+
+def _crc16_bytewise(data: bytes) -> int:
+    """The textbook CRC-16 of FLAC frames, bit by bit (polynomial 0x8005, init 0, MSB first)."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x8005) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
+    return crc
+
+
+def test_flac_crc16_two_bytes_per_step_matches_the_bitwise_definition():
+    from asr_assets.audio import _crc16
+
+    assert _crc16(b"123456789") == 0xFEE8  # CRC-16/UMTS check value (Greg Cook's CRC catalogue)
+    assert _crc16(b"") == 0
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 3, 17, 256, 4097):  # odd lengths take the last byte through the byte table
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert _crc16(data) == _crc16_bytewise(data), n
+
+
+@pytest.mark.parametrize("name", ["jfk__flac_16000_mono.flac", "jfk__flac_44100_stereo.flac"])
+def test_flac_true_length_from_the_last_frames_crc16(name):
+    """The last frame is found by its CRC-16 (a frame's CRC over itself and its CRC is 0): the
+    true length read from the tail equals STREAMINFO's and libsndfile's frame count."""
+    from asr_assets.audio import _flac_length, _read_head
+
+    path = str(FORMATS / "audio" / name)
+    length = _flac_length(path, _read_head(path))
+    assert length is not None and length.true_length == length.claimed == sf.info(path).frames > 0
+
+
+@pytest.mark.parametrize("prealloc", [1000, 1 << 23])
+@pytest.mark.parametrize("name", ["jfk__flac_16000_mono.flac", "jfk__wav_s16_16000_mono.wav"])
+def test_mono_read_into_the_result_equals_libsndfile(monkeypatch, name, prealloc):
+    """Mono is read straight into a buffer of the header's length + 1 frame; with a small
+    allocation ahead (1000 frames) the buffer is grown many times. Either way the samples are
+    libsndfile's own read, bit for bit."""
+    import asr_assets.audio as audio
+
+    monkeypatch.setattr(audio, "_PREALLOC_FRAMES", prealloc)
+    path = FORMATS / "audio" / name
+    samples, rate = decode_audio(path)
+    expected, expected_rate = sf.read(path, dtype="float32")
+    assert rate == expected_rate == 16000 and samples.dtype == np.float32
+    assert len(samples) == len(expected) > 100_000 and np.array_equal(samples, expected)
+
+
 # --------------------------------------------------------------------------- duration cap
 
 def _silence_flac(seconds: int, rate: int = 16000) -> bytes:
