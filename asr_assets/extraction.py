@@ -79,7 +79,7 @@ from .feature_cache import (ShardWriter, ShardedParquetFeatureCache, cache_key, 
 from .key_index import record_keys, records_in_shards
 from .storage import local_source
 from .frontends import Frontend
-from .logs import configure_worker, trace, worker_config
+from .logs import configure_worker, native_stderr, trace, worker_config
 from .record_cache import RecordStore
 
 logger = logging.getLogger(__name__)
@@ -241,7 +241,8 @@ def _init_worker(frontend: Frontend, decode_config: DecodeConfig, duration_toler
     # loaded libraries themselves (numpy's and scipy's OpenBLAS alike).
     threadpoolctl.threadpool_limits(limits=1)
     configure_worker(log_levels)  # the main process's log levels (asr_assets.logs), if it set any
-    _STATE.update(frontend=frontend, decode=decode_config, duration_tolerance=duration_tolerance)
+    _STATE.update(frontend=frontend, decode=decode_config, duration_tolerance=duration_tolerance,
+                  capture_stderr=True)  # one thread decodes here: fd 2 may be borrowed per utterance
     _segment_reader()
 
 
@@ -255,12 +256,34 @@ def _segment_reader() -> SegmentReader:
 
 
 def _featurize(task: _Task) -> tuple:
-    """-> (payload, audio seconds, frames, failed stage, error, worker seconds, worker peak RSS MiB);
-    the payload is ``{output name: payload}`` for a frontend with named outputs."""
+    """-> (payload, audio seconds, frames, failed stage, error, worker seconds, worker peak RSS MiB,
+    what the decoder libraries wrote to stderr); the payload is ``{output name: payload}`` for a
+    frontend with named outputs. In a worker process, native stderr output (libmpg123's warnings,
+    which name no file) is captured and sent back, for :func:`_run` to log with the utterance."""
     start = time.perf_counter()
-    result = _featurize_timed(task)
+    if _STATE.get("capture_stderr"):
+        with native_stderr() as stderr:
+            result = _featurize_timed(task)
+        said = stderr.text
+    else:
+        result, said = _featurize_timed(task), ""
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    return (*result, time.perf_counter() - start, peak_mib)
+    return (*result, time.perf_counter() - start, peak_mib, said)
+
+
+def _results(results: Iterator[tuple]) -> Iterator[tuple]:
+    """``(task, 7-tuple result)`` of ``(task, result)``: a decoder's stderr output (the 8th
+    element, when a worker sent one) is logged here as a warning naming the utterance."""
+    try:
+        for task, result in results:
+            if len(result) > 7:
+                if result[7]:
+                    logger.warning("utterance %s (%s): the decoder wrote: %s", task.utterance_id,
+                                   _label(task.source), result[7])
+                result = result[:7]
+            yield task, result
+    finally:
+        results.close()  # now, not when collected: the caller's close() stops the workers
 
 
 def _label(source) -> str:
@@ -869,8 +892,7 @@ def _run(tasks: list[_Task], state: tuple, workers: int, config: ExtractionConfi
         _STATE.update(frontend=state[0], decode=state[1], duration_tolerance=state[2])
         logger.debug("featurizing %d utterances in this process (workers=1, no time limit)", len(tasks))
         try:
-            for task in tasks:
-                yield task, _featurize(task)
+            yield from _results((task, _featurize(task)) for task in tasks)
         finally:
             reader = _STATE.pop("segments", None)
             if reader is not None:
@@ -881,7 +903,7 @@ def _run(tasks: list[_Task], state: tuple, workers: int, config: ExtractionConfi
     logger.debug("featurizing %d utterances in up to %d worker processes", len(tasks),
                  min(max(1, workers), len(tasks)))
     with _WorkerPool(state) as pool:
-        yield from _schedule(pool, tasks, max(1, workers), config)
+        yield from _results(_schedule(pool, tasks, max(1, workers), config))
 
 
 def _schedule(pool: _WorkerPool, tasks: list[_Task], workers: int, config: ExtractionConfig) -> Iterator[tuple]:

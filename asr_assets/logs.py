@@ -8,6 +8,8 @@ Entry points:
     - :func:`worker_config` / :func:`configure_worker` — the same levels in feature-worker
       processes (they are forked from a fork server, which never saw :func:`configure`).
     - :func:`parse_spec` — what ``ASR_ASSETS_LOG`` may hold.
+    - :func:`native_stderr` — in a worker process, what C libraries print to fd 2 during one
+      decode (libmpg123's warnings), to be logged with the file it belongs to.
 
 Library modules only call ``logging.getLogger(__name__)`` and never configure anything, so an
 application (or Dagster, through ``python_logs: managed_python_loggers: [asr_assets]`` in
@@ -29,6 +31,7 @@ makes it at least debug, ``-vv`` at least trace (the more verbose of flag and va
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -166,3 +169,58 @@ def configure_worker(levels: Mapping[str, int] | None) -> None:
     if levels:
         _apply(levels)
         _configured = dict(levels)
+
+
+class NativeStderr:
+    """What C libraries wrote to file descriptor 2 inside :func:`native_stderr` (``text``: one
+    line, whitespace collapsed, at most :data:`NATIVE_STDERR_MAX_CHARS`; ``""`` if nothing)."""
+
+    text = ""
+
+
+#: Characters of a library's stderr output kept per utterance or header (the rest is cut).
+NATIVE_STDERR_MAX_CHARS = 500
+_native_capture = None  # this process's capture file (an unlinked temporary file), once used
+
+
+@contextlib.contextmanager
+def native_stderr():
+    """Capture what native code writes to file descriptor 2 while the block runs, e.g.
+    libmpg123's ``Warning: Xing stream size off by more than 1%...`` from inside libsndfile,
+    which names no file. The caller reports it with the utterance or path it belongs to.
+
+    Only for single-threaded worker processes (feature and probe workers): file descriptor 2 is
+    the whole process's, so output of other threads in the block would be captured too. Python
+    code writing to ``sys.stderr`` in the block is flushed into the capture as well. Costs a
+    few system calls (~10 µs); the file is reused and emptied each time."""
+    global _native_capture
+    if _native_capture is None:
+        import tempfile
+
+        _native_capture = tempfile.TemporaryFile()
+    fd = _native_capture.fileno()
+    result = NativeStderr()
+    _flush_stderr()
+    saved = os.dup(2)
+    os.dup2(fd, 2)
+    try:
+        yield result
+    finally:
+        _flush_stderr()
+        os.dup2(saved, 2)
+        os.close(saved)
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size:
+            os.lseek(fd, 0, os.SEEK_SET)
+            data = os.read(fd, min(size, 4 * NATIVE_STDERR_MAX_CHARS))
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            text = " ".join(data.decode("utf-8", errors="replace").split())
+            result.text = text if len(text) <= NATIVE_STDERR_MAX_CHARS else text[:NATIVE_STDERR_MAX_CHARS - 1] + "…"
+
+
+def _flush_stderr() -> None:
+    try:
+        sys.stderr.flush()
+    except (AttributeError, ValueError, OSError):  # None, closed or broken: nothing buffered to move
+        pass

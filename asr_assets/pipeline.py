@@ -39,7 +39,7 @@ from ._fs import file_lock, tmp_path_for
 from .audio import probe_duration
 from .extraction import ExtractionConfig, ShardStats, extract_shards
 from .frontends import Frontend
-from .logs import TRACE, trace
+from .logs import TRACE, native_stderr, trace
 from .manifest_batches import ManifestProblem, read_ahead_manifest_batches
 from .manifests import ManifestRow, one_walk_per_folder
 from .record_batches import BatchRecordBuilder, SplitRecords
@@ -170,7 +170,10 @@ class DurationProbe:
                     outcomes.append((value, None))
                 except Exception as exc:  # noqa: BLE001 - the row's reason
                     outcomes.append((None, exc))
-        for (_, _, key, indexes), (value, error) in zip(jobs, outcomes):
+        for (source, hint, key, indexes), (value, error, *said) in zip(jobs, outcomes):
+            if said and said[0]:
+                name = key[0] if key is not None else f"{hint or 'embedded audio'} ({len(source)} bytes)"
+                logger.warning("probing %s: the decoder wrote: %s", name, said[0])
             if error is None and key is not None:
                 self.known[key] = value
                 self.added += 1
@@ -211,11 +214,16 @@ class ProbeError(Exception):
 
 
 def _probe_in_worker(job: tuple) -> tuple:
+    """``(seconds, None, stderr)`` or ``(None, ProbeError, stderr)``, in a probe process: what the
+    decoder libraries wrote to stderr (libmpg123's warnings name no file) comes back to be logged
+    with the file's name."""
     source, hint = job
-    try:
-        return (probe_duration(source, hint=hint) if isinstance(source, bytes) else probe_duration(source)), None
-    except Exception as exc:  # noqa: BLE001 - sent back as the row's reason
-        return None, ProbeError(str(exc))
+    with native_stderr() as said:
+        try:
+            value, error = (probe_duration(source, hint=hint) if isinstance(source, bytes) else probe_duration(source)), None
+        except Exception as exc:  # noqa: BLE001 - sent back as the row's reason
+            value, error = None, ProbeError(str(exc))
+    return value, error, said.text
 
 
 @dataclass

@@ -232,3 +232,50 @@ def test_a_crashing_worker_costs_one_utterance_not_the_run(tmp_path):
         computed += sum(s.computed for s in stats.values())
     assert crashed == ["jfk"]  # the only clip over 10 s
     assert computed == 21
+
+
+def test_decoder_warnings_on_stderr_are_logged_with_the_file(tmp_path, monkeypatch, caplog, capfd):
+    """libmpg123 (inside libsndfile) prints "Warning: Xing stream size off..." for a truncated
+    MP3 straight to file descriptor 2, naming no file. In probe and feature workers it is
+    captured and logged by the main process with the file and utterance it belongs to, and
+    nothing reaches stderr unnamed. 40 copies of the truncated MP3 of the test data, without a
+    duration column, so durations are probed in worker processes too."""
+    import asr_assets.pipeline as pipeline
+    from asr_assets.logs import native_stderr
+    from asr_assets_tests.conftest import require_test_data
+
+    mp3 = require_test_data() / "broken" / "audio" / "truncated_half.mp3"
+    with native_stderr() as said:  # in this process: fd 2 is borrowed and given back
+        os.write(2, b"  one\n  two  ")
+    os.write(2, b"after\n")
+    assert said.text == "one two" and capfd.readouterr().err == "after\n"
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = ["path\tsentence\tclient_id"]
+    for i in range(40):
+        (corpus / f"clip{i:02d}.mp3").write_bytes(mp3.read_bytes())
+        lines.append(f"clip{i:02d}.mp3\tthe same half sentence\tspeaker{i}")
+    (corpus / "train.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    settings = Settings(manifests=(str(corpus),), output=str(tmp_path / "out"), workers=2)
+    monkeypatch.setattr(pipeline, "_POOL_MIN_PROBES", 8)
+    caplog.set_level("WARNING")
+    capfd.readouterr()
+    for split in SPLITS:
+        build_record_cache(settings, split)
+    probed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("probing ")]
+    caplog.clear()
+    counts = {split: len(RecordStore(settings.record_cache_path(split))) for split in SPLITS}
+    stats = {split: build_feature_shards(settings, "squeezeformer", split, range(64)) for split in SPLITS}
+    featurized = [r.getMessage() for r in caplog.records if "the decoder wrote" in r.getMessage()]
+    err = capfd.readouterr().err  # (the named lines too, if a CLI test configured the stderr handler)
+    assert err.count("Xing") == err.count("the decoder wrote: Warning: Xing")  # none unnamed
+    assert sum(counts.values()) == 40
+    # probed durations are the full header's, so each decode is short of its record: reported
+    failures = [f for split_stats in stats.values() for s in split_stats.values() for f in s.failures]
+    assert len(failures) == 40 and {f.stage for f in failures} == {"decode"}
+    assert all("but the record says" in f.error for f in failures)
+    assert len(probed) == 40 and all("Xing stream size off" in m for m in probed)
+    assert {m.split(":")[0] for m in probed} == {f"probing {corpus / f'clip{i:02d}.mp3'}" for i in range(40)}
+    assert len(featurized) == 40 and all("Xing stream size off" in m and ".mp3" in m for m in featurized)
+    assert {m.split(" (path:")[0] for m in featurized} == {f"utterance {corpus / f'clip{i:02d}.mp3'}" for i in range(40)}
