@@ -393,12 +393,14 @@ def shards_with_work(store: RecordStore, split_root: str | os.PathLike, frontend
     reader = ShardedParquetFeatureCache(split_root, num_shards)
     busy = []
     if None not in output_hashes:  # named outputs: every output key of every record
+        reader.prefetch(range(num_shards))
         for shard, tasks in plan_shard_tasks(store, frontend_hash, range(num_shards), num_shards).items():
             missing, orphans = _shard_work(reader.keys(shard, frontend_hash=frontend_hash), tasks, output_hashes)
             if orphans or any(t.utterance_id not in known_failed for t in missing):
                 busy.append(shard)
         return busy
     keys = record_keys(store, frontend_hash, num_shards)
+    reader.prefetch(range(num_shards))
     for shard in range(num_shards):
         members = np.flatnonzero(keys.shards == shard)
         wanted = {keys.hex(i) for i in members}
@@ -452,6 +454,7 @@ def extract_shards(
     # added keys since, which the next run sees.
     reader = ShardedParquetFeatureCache(split_root, config.num_shards)
     output_hashes = frontend.output_hashes()
+    reader.prefetch(plan)
     idle = {shard: ShardStats(shard=shard, records=len(tasks), skipped=len(tasks))
             for shard, tasks in plan.items() if _up_to_date(reader, shard, fhash, tasks, output_hashes)}
     busy = {shard: tasks for shard, tasks in plan.items() if shard not in idle}
@@ -459,6 +462,7 @@ def extract_shards(
         for shard in sorted(busy):  # sorted: two runs over overlapping shards cannot deadlock
             locks.enter_context(shard_lock(split_root, shard, fhash))
         reader.refresh()  # what the shards hold now that they are ours
+        reader.prefetch(busy)
         stats = _extract_locked(busy, reader, split_root, frontend, fhash, config, progress)
     return {shard: idle.get(shard) or stats[shard] for shard in plan}
 

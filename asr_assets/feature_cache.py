@@ -54,7 +54,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -90,6 +90,9 @@ NPY_MAGIC = b"\x93NUMPY"
 NPY_DTYPE_KINDS = "biuf"
 _NPY_MAX_HEADER = 10000  # numpy's own default limit of np.load
 DEFAULT_NUM_SHARDS = 64
+#: Shard indexes built at once by :meth:`ShardedParquetFeatureCache.prefetch` (threads: the
+#: work is listings and reads, mostly waiting on the file system or object store).
+PREFETCH_THREADS = 8
 SCHEMA = pa.schema([("key", pa.string()), ("payload", pa.binary()), ("deleted", pa.bool_())])
 _HEADER = struct.Struct("<8sII")
 
@@ -736,6 +739,57 @@ class ShardedParquetFeatureCache:
         else:
             self._checked.pop(shard, None)
 
+    def prefetch(self, shards: Iterable[int], threads: int | None = None) -> None:
+        """Build (or re-validate, if older than ``refresh_interval_s``) the indexes of
+        ``shards`` now, up to ``threads`` shards at once (default: :data:`PREFETCH_THREADS` on an
+        object store, 1 on a local file system, where threads measured no faster). Each shard
+        costs a listing, and for
+        new parts its persisted index or footers: on an object store two or more round trips,
+        so the 64 shards of a split one after another wait ~130 round trips. The planning of a
+        feature run, its extraction and its check call this before visiting every shard.
+
+        The one use of a reader from several threads: each thread builds other shards, and a
+        shard's build touches only that shard's entries of the reader's dictionaries.
+
+        Raises:
+            the first error of a shard's build (e.g. :class:`OSError`, ``CacheCorruptError``),
+            as visiting the shard would.
+        """
+        remote = storage.is_url(self.split_root)
+        threads = (PREFETCH_THREADS if remote else 1) if threads is None else threads
+        now = time.monotonic()
+        todo = [shard for shard in dict.fromkeys(shards)
+                if shard not in self._index or now - self._checked.get(shard, -math.inf) >= self.refresh_interval_s]
+        listed = self._list_shards() if remote and len(todo) > 1 else None
+
+        def build(shard: int) -> None:
+            self._shard(shard, None if listed is None else listed.get(shard, []))
+
+        if threads <= 1 or len(todo) <= 1:
+            for shard in todo:
+                build(shard)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(threads, len(todo)), thread_name_prefix="asr-shard-index") as pool:
+            for _ in pool.map(build, todo):
+                pass
+
+    def _list_shards(self) -> dict[int, list]:
+        """On an object store: the parts of every shard from one recursive listing of
+        ``feature_shards/`` (one request per 1,000 objects, instead of a listing per shard),
+        each shard's oldest first as :func:`list_parts` orders them."""
+        root = storage.join(str(self.split_root), "feature_shards")
+        found: dict[int, list] = {}
+        for info in storage.list_files(root, recursive=True):
+            folder = storage.basename(storage.parent(str(info)))
+            if (folder.startswith("features_") and folder[9:].isdigit() and info.name.startswith("part_")
+                    and info.name.endswith(".parquet") and storage.parent(storage.parent(str(info))) == root):
+                found.setdefault(int(folder[9:]), []).append(info)
+        for parts in found.values():
+            parts.sort(key=lambda p: (p.mtime_ns, p.name))
+        return found
+
     def shard_index_of(self, key: str) -> dict[str, tuple[Path, int] | None]:
         """``{key: (part, row) | None}`` of the shard holding ``key`` (None = tombstone)."""
         return self.shard_entries(shard_index(key, self.num_shards))
@@ -744,15 +798,15 @@ class ShardedParquetFeatureCache:
         """Live view of one shard: ``{key: (part path, row) or None for a tombstone}``."""
         return self._shard(shard)[1]
 
-    def _shard(self, shard: int) -> tuple[tuple, dict[str, tuple[Path, int] | None], dict[Path, str | None],
-                                          dict[str, tuple[int, int]]]:
+    def _shard(self, shard: int, listed: list | None = None) -> tuple[tuple, dict[str, tuple[Path, int] | None],
+                                                                dict[Path, str | None], dict[str, tuple[int, int]]]:
         cached = self._index.get(shard)
         now = time.monotonic()
         if cached is not None and now - self._checked.get(shard, -math.inf) < self.refresh_interval_s:
             return cached
         for attempt in range(3):  # a part may vanish under us (compaction): list again
             try:
-                built = self._build_shard(shard)
+                built = self._build_shard(shard, listed if attempt == 0 else None)
                 self._checked[shard] = now
                 return built
             except FileNotFoundError:
@@ -760,9 +814,11 @@ class ShardedParquetFeatureCache:
                     raise
         raise AssertionError("unreachable")
 
-    def _build_shard(self, shard: int):
+    def _build_shard(self, shard: int, listed: list | None = None):
+        """The shard's index from its parts (``listed``: as :func:`list_parts` gives them, from
+        a listing already made; None: list them now)."""
         directory = shard_dir(self.split_root, shard)
-        parts = list_parts(directory)
+        parts = list_parts(directory) if listed is None else listed
         signature = tuple(_signature(p) for p in parts)
         cached = self._index.get(shard)
         if cached is not None and cached[0] == signature:

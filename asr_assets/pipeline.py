@@ -995,7 +995,7 @@ class ShardVerification:
 
 
 def verify_feature_shard(settings: Settings, frontend: Frontend, split: str, shard: int, new_parts: Iterable[str],
-                         tasks: Sequence | None = None) -> ShardVerification:
+                         tasks: Sequence | None = None, cache=None) -> ShardVerification:
     """Check one shard after a feature run, without reading the features it did not write.
 
     * Counts, from the index alone (part footers, no payload): every record of the split in this
@@ -1007,6 +1007,9 @@ def verify_feature_shard(settings: Settings, frontend: Frontend, split: str, sha
     Args:
         tasks: the shard's records as :func:`~asr_assets.extraction.plan_shard_tasks` gives them
             (planned here if None).
+        cache: the split's :class:`~asr_assets.feature_cache.ShardedParquetFeatureCache`, e.g.
+            one whose :meth:`~asr_assets.feature_cache.ShardedParquetFeatureCache.prefetch`
+            built the indexes of every shard to verify at once (a new one if None).
     """
     from .extraction import plan_shard_tasks
     from .feature_cache import CacheCorruptError, ShardedParquetFeatureCache, tombstone_keys
@@ -1017,7 +1020,8 @@ def verify_feature_shard(settings: Settings, frontend: Frontend, split: str, sha
         tasks = plan_shard_tasks(RecordStore(settings.record_cache_path(split)), fhash, [shard],
                                  settings.num_shards)[shard]
     result = ShardVerification(shard=shard, records=len(tasks))
-    cache = ShardedParquetFeatureCache(split_root, settings.num_shards)
+    if cache is None:
+        cache = ShardedParquetFeatureCache(split_root, settings.num_shards)
     live = cache.keys(shard, frontend_hash=fhash)
     # the failure report is read only when a record has no features (on an object store a GET)
     complete = not frontend.outputs and all(task.key in live for task in tasks)

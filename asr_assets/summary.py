@@ -35,6 +35,7 @@ import logging
 import math
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -42,7 +43,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import storage
-from .feature_cache import ShardedParquetFeatureCache, cache_key, shard_dir, shard_index
+from .feature_cache import PREFETCH_THREADS, ShardedParquetFeatureCache, cache_key, shard_dir, shard_index
 from .frontends import Frontend
 from .pipeline import listed_failure_reports, read_shard_stats
 from .record_cache import RecordStore, record_cache_exists
@@ -193,16 +194,28 @@ def _summarize_features(settings: Settings, split: str, frontend: Frontend, ids:
     reports = listed_failure_reports(settings, frontend.name, split)
     # on an object store one listing says which shard folders exist (not a request per shard)
     folders = storage.list_dirs(storage.join(str(split_root), "feature_shards")) if storage.is_url(split_root) else None
+    shards = [shard for shard in range(settings.num_shards)
+              if (storage.basename(str(shard_dir(split_root, shard))) in folders if folders is not None
+                  else shard_dir(split_root, shard).is_dir())]
+    cache.prefetch(shards)  # the shards' indexes (on an object store several at once, one listing)
+
+    def stats(shard: int) -> dict | None:
+        return read_shard_stats(split_root, shard, fhash)
+
+    if storage.is_url(split_root) and len(shards) > 1:  # a GET each: several at once
+        with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="asr-shard-stats") as pool:
+            states = dict(zip(shards, pool.map(stats, shards)))
+    else:
+        states = {shard: stats(shard) for shard in shards}
     for shard in range(settings.num_shards):
         report = settings.features_report_path(frontend.name, split, shard)
         if reports is None or report.name in reports:
             stages += _report_stages(report, listed=reports is not None)
-        directory = shard_dir(split_root, shard)
-        if not (storage.basename(str(directory)) in folders if folders is not None else directory.is_dir()):
+        if shard not in states:
             continue
         live = cache.keys(shard, frontend_hash=fhash)
         result.with_features += len(live & wanted.get(shard, set()))
-        state = read_shard_stats(split_root, shard, fhash)
+        state = states[shard]
         if state is None:
             continue
         last = state.get("last_run") or {}

@@ -141,6 +141,44 @@ def test_reader_lists_a_shard_once_per_interval_and_on_refresh(tmp_path, monkeyp
     assert [g[0, 0] for g in got[:4]] == [5, 1, 5, 39] and got[4] is None
 
 
+def test_prefetch_builds_every_shard_once_on_threads_and_reads_the_same(tmp_path, monkeypatch):
+    """``prefetch`` lists each shard once (with ``threads=8`` several at once, as on an object
+    store), after which visits and loads list nothing within the interval; its indexes equal
+    those a reader builds shard by shard; an error of one shard's build reaches the caller."""
+    import threading
+
+    keys = [cache_key(f"u{i}", "0a48384efcf3") for i in range(300)]
+    for i, key in enumerate(keys):
+        with ShardWriter(tmp_path, shard_index(key), rows_per_part=256) as writer:
+            writer.add(key, np.full((3, 2), i, np.float32))
+    listings, threads = [], set()
+    real = feature_cache.list_parts
+
+    def counting(directory):
+        listings.append(directory)
+        threads.add(threading.get_ident())
+        return real(directory)
+
+    monkeypatch.setattr(feature_cache, "list_parts", counting)
+    cache, twin = ShardedParquetFeatureCache(tmp_path), ShardedParquetFeatureCache(tmp_path)
+    cache.prefetch(range(64), threads=8)
+    assert len(listings) == 64 and len(threads) > 1
+    assert all(cache.shard_entries(s) == twin.shard_entries(s) for s in range(64))
+    assert len(listings) == 128  # the twin's visits; the prefetched reader listed nothing more
+    assert [int(f[0, 0]) for f in cache.load_keys(keys)] == list(range(300))
+    cache.prefetch(range(64), threads=8)  # fresh within refresh_interval_s: nothing to do
+    assert len(listings) == 128
+
+    def broken(directory):
+        if directory.name == "features_07":
+            raise PermissionError(f"{directory}: permission denied")
+        return real(directory)
+
+    monkeypatch.setattr(feature_cache, "list_parts", broken)
+    with pytest.raises(PermissionError, match="features_07"):
+        ShardedParquetFeatureCache(tmp_path).prefetch(range(64), threads=8)
+
+
 def _shard_ids(shard: int, n: int, fh: str = "0a48384efcf3") -> list[str]:
     return [u for u in (f"u{i}" for i in range(20 * 64 * n)) if shard_index(cache_key(u, fh)) == shard][:n]
 

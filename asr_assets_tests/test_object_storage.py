@@ -291,6 +291,35 @@ def test_feature_parts_go_up_in_one_put_each_and_read_back_with_ranged_gets(s3, 
     assert counter.count("GET") - before == 2  # the shard's index is reused within refresh_interval_s
 
 
+def test_prefetch_lists_every_shard_of_a_split_at_once_and_reads_the_same(s3):
+    """``prefetch`` of a split on S3: one recursive listing of ``feature_shards/`` (not one per
+    shard) and the indexes of the shards read by threads; the same keys and payloads as a
+    reader that visits each shard itself; a part written later is seen after ``refresh``."""
+    from asr_assets.feature_cache import ShardedParquetFeatureCache, cache_key
+
+    bucket, counter = s3
+    root = f"{bucket}/fc-prefetch/train"
+    written = {shard: _features(3, shard, seed=shard) for shard in (0, 5, 9, 40, 63)}
+    for shard, items in written.items():
+        _write_shard(root, shard, items, rows_per_part=2)  # 2 parts each, and a persisted index
+    lists = counter.count("GET", "list-type=2")
+    cache = ShardedParquetFeatureCache(root)
+    cache.prefetch(range(64))
+    assert counter.count("GET", "list-type=2") - lists == 1  # 15 objects: one page
+    twin = ShardedParquetFeatureCache(root)
+    for shard in range(64):
+        want = {cache_key(u, "abcdef012345") for u in written.get(shard, {})}
+        assert cache.keys(shard, frontend_hash="abcdef012345") == want == twin.keys(shard, frontend_hash="abcdef012345")
+    keys = [cache_key(u, "abcdef012345") for items in written.values() for u in items]
+    for got, want in zip(cache.load_keys(keys), (f for items in written.values() for f in items.values())):
+        np.testing.assert_array_equal(got, want)
+    later = _features(1, 5, seed=99)
+    _write_shard(root, 5, later, rows_per_part=2)
+    cache.refresh()
+    cache.prefetch(range(64))
+    assert cache_key(next(iter(later)), "abcdef012345") in cache.keys(5)
+
+
 def test_feature_cache_on_s3_keeps_upstream_read_rules(s3, tmp_path):
     """Newest part wins (LastModified, then the time-ordered name), tombstones hide keys; the
     downloaded copy, read by the local reader, gives the same answers."""

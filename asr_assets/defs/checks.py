@@ -19,6 +19,7 @@ from collections import defaultdict
 import dagster as dg
 
 from asr_assets.extraction import plan_shard_tasks
+from asr_assets.feature_cache import ShardedParquetFeatureCache
 from asr_assets.frontends import Frontend
 from asr_assets.pipeline import verify_feature_shard
 from asr_assets.record_cache import RecordStore, read_commit, record_store_is_valid
@@ -132,10 +133,12 @@ def build_feature_check(frontend: Frontend, asset: dg.AssetsDefinition) -> dg.As
         for split, shards in by_split.items():
             store = RecordStore(settings.record_cache_path(split))
             plan = plan_shard_tasks(store, frontend.frontend_hash(), shards, settings.num_shards)
+            cache = ShardedParquetFeatureCache(settings.feature_split_root(split), settings.num_shards)
+            cache.prefetch(plan)  # the shard indexes, several at once (one listing on an object store)
             for shard, tasks in plan.items():
                 meta = written.get(feature_partition_key(split, shard), {})
                 new_parts = meta["new_parts"].value if "new_parts" in meta else []
-                result = verify_feature_shard(settings, frontend, split, shard, new_parts, tasks)
+                result = verify_feature_shard(settings, frontend, split, shard, new_parts, tasks, cache=cache)
                 checked += result.records
                 unaccounted += result.unaccounted
                 bad += result.invalid
