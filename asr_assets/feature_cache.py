@@ -269,6 +269,20 @@ def decode_legacy_torch_payload(payload: bytes) -> np.ndarray:
     return value.detach().to(torch.float32).numpy()
 
 
+def list_shard_files(split_root: str) -> dict[int, list]:
+    """On an object store: ``{shard: [ObjectInfo of every file in features_NN/]}`` of a split
+    from one recursive listing of ``<split_root>/feature_shards/`` (one request per 1,000
+    objects, where a listing per shard costs 64 and more), shards without files left out."""
+    root = storage.join(str(split_root), "feature_shards")
+    found: dict[int, list] = {}
+    for info in storage.list_files(root, recursive=True):
+        folder_url = storage.parent(str(info))
+        folder = storage.basename(folder_url)
+        if folder.startswith("features_") and folder[9:].isdigit() and storage.parent(folder_url) == root:
+            found.setdefault(int(folder[9:]), []).append(info)
+    return found
+
+
 def list_parts(directory: Path) -> list[Path]:
     """Committed parts of a shard, oldest first by ``(st_mtime_ns, name)``.
 
@@ -776,16 +790,10 @@ class ShardedParquetFeatureCache:
                 pass
 
     def _list_shards(self) -> dict[int, list]:
-        """On an object store: the parts of every shard from one recursive listing of
-        ``feature_shards/`` (one request per 1,000 objects, instead of a listing per shard),
-        each shard's oldest first as :func:`list_parts` orders them."""
-        root = storage.join(str(self.split_root), "feature_shards")
-        found: dict[int, list] = {}
-        for info in storage.list_files(root, recursive=True):
-            folder = storage.basename(storage.parent(str(info)))
-            if (folder.startswith("features_") and folder[9:].isdigit() and info.name.startswith("part_")
-                    and info.name.endswith(".parquet") and storage.parent(storage.parent(str(info))) == root):
-                found.setdefault(int(folder[9:]), []).append(info)
+        """On an object store: the parts of every shard from one listing
+        (:func:`list_shard_files`), each shard's oldest first as :func:`list_parts` orders them."""
+        found = {shard: [f for f in files if f.name.startswith("part_") and f.name.endswith(".parquet")]
+                 for shard, files in list_shard_files(self.split_root).items()}
         for parts in found.values():
             parts.sort(key=lambda p: (p.mtime_ns, p.name))
         return found

@@ -868,6 +868,11 @@ def build_feature_shards(
            "wall_seconds": round(time.perf_counter() - start, 3),
            "audio_seconds": round(sum(s.audio_seconds for s in stats.values()), 3)}
     reports = listed_failure_reports(settings, frontend_name, split)
+    listed = None  # on an object store, what each shard holds now: one listing, not one per shard
+    if storage.is_url(split_root):
+        from .feature_cache import list_shard_files
+
+        listed = {shard: {f.name for f in files} for shard, files in list_shard_files(split_root).items()}
     for shard, shard_stats in stats.items():
         report = settings.features_report_path(frontend_name, split, shard)
         if shard_stats.failures:
@@ -880,7 +885,8 @@ def build_feature_shards(
                 storage.remove(str(report))  # every earlier failure of this shard has features now
         elif report.exists():
             report.unlink()  # every earlier failure of this shard has features now
-        record_shard_stats(split_root, shard, frontend, shard_stats, run)
+        record_shard_stats(split_root, shard, frontend, shard_stats, run,
+                           listed=None if listed is None else listed.get(shard, set()))
     return stats
 
 
@@ -925,11 +931,13 @@ def read_shard_stats(split_root: str | os.PathLike, shard: int, frontend_hash: s
 
 
 def record_shard_stats(split_root: str | os.PathLike, shard: int, frontend: Frontend, stats: ShardStats,
-                       run: dict) -> None:
+                       run: dict, listed: set[str] | None = None) -> None:
     """Update a shard's stats sidecar after a feature run: ``last_run`` from ``stats`` and ``run``
     (run id, time, wall seconds, audio seconds of the whole run), one ``moments`` entry more if it
     computed anything, entries whose parts are gone dropped. Atomic; locally under the shard's
-    writer lock, on an object store one PUT (last writer wins)."""
+    writer lock, on an object store one PUT (last writer wins). ``listed``: on an object store,
+    the names of the shard's files as listed after the run (no sidecar GET when it has none, and
+    no listing of its own)."""
     from .feature_cache import shard_dir, shard_lock
 
     fhash = frontend.frontend_hash()
@@ -937,12 +945,15 @@ def record_shard_stats(split_root: str | os.PathLike, shard: int, frontend: Fron
     # On an object store without the lock (it costs several requests): two runs finishing one
     # shard at once may drop each other's entry, and the summary then has no moments for it.
     with storage.nothing() if storage.is_url(split_root) else shard_lock(split_root, shard, fhash):
-        old = read_shard_stats(split_root, shard, fhash)
-        if old is None and not stats.records and not stats.tombstoned:
+        never = listed is not None and storage.basename(str(shard_stats_path(split_root, shard, fhash))) not in listed
+        if never and not stats.records and not stats.tombstoned:
             return  # an empty shard, never described: nothing to say
+        old = None if never else read_shard_stats(split_root, shard, fhash)
+        if old is None and not stats.records and not stats.tombstoned:
+            return
         old = old or {}
-        if storage.is_url(split_root):  # one listing of the shard
-            present = {f.name for f in storage.list_files(directory)}
+        if storage.is_url(split_root):  # one listing of the shard, unless the caller listed it
+            present = listed if listed is not None else {f.name for f in storage.list_files(directory)}
         else:
             present = {name for m in old.get("moments", []) for name in m.get("parts", ())
                        if (directory / name).is_file()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -318,6 +319,40 @@ def test_prefetch_lists_every_shard_of_a_split_at_once_and_reads_the_same(s3):
     cache.refresh()
     cache.prefetch(range(64))
     assert cache_key(next(iter(later)), "abcdef012345") in cache.keys(5)
+
+
+def test_shard_stats_sidecar_from_the_split_listing_keeps_every_runs_moments(s3):
+    """After a feature run on S3 the stats sidecars are updated from one listing of the split:
+    a shard that never had one is not read (no GET), one that has one is read and extended, and
+    a run's moments stay while its parts exist."""
+    from asr_assets.extraction import ShardStats
+    from asr_assets.feature_cache import list_shard_files
+    from asr_assets.pipeline import read_shard_stats, record_shard_stats
+    from asr_assets.settings import Settings
+
+    bucket, counter = s3
+    root = f"{bucket}/fc-stats/train"
+    frontend = Settings().frontend("squeezeformer")
+    fhash = frontend.frontend_hash()
+
+    def run(shard: int, items: dict, name: str) -> None:
+        writer = _write_shard(root, shard, items, rows_per_part=10, fhash=fhash)
+        stats = ShardStats(shard=shard, records=len(items), computed=len(items), frames=sum(len(f) for f in items.values()),
+                           part_names=[storage.basename(str(p)) for p in writer.parts_written])
+        for feats in items.values():
+            stats.add_moments(b"SFCF32L1" + struct.pack("<II", *feats.shape) + feats.tobytes())
+        listed = {s: {f.name for f in files} for s, files in list_shard_files(root).items()}
+        gets = counter.count("GET", ".stats-")
+        record_shard_stats(root, shard, frontend, stats, {"run": name}, listed=listed.get(shard, set()))
+        return counter.count("GET", ".stats-") - gets
+
+    first, second = _features(2, 4, seed=1, fhash=fhash), _features(3, 4, seed=2, fhash=fhash)
+    assert run(4, first, "r1") == 0  # none yet: not read
+    assert run(4, second, "r2") == 1  # read once, extended
+    state = read_shard_stats(root, 4, fhash)
+    assert [m["utterances"] for m in state["moments"]] == [2, 3] and state["last_run"]["run"] == "r2"
+    want = sum(f.astype(np.float64).sum(axis=0) for f in second.values())
+    np.testing.assert_allclose(state["moments"][1]["sum"], want, rtol=1e-5, atol=1e-4)  # float32 within an utterance
 
 
 def test_feature_cache_on_s3_keeps_upstream_read_rules(s3, tmp_path):
