@@ -756,11 +756,13 @@ class ShardedParquetFeatureCache:
     def prefetch(self, shards: Iterable[int], threads: int | None = None) -> None:
         """Build (or re-validate, if older than ``refresh_interval_s``) the indexes of
         ``shards`` now, up to ``threads`` shards at once (default: :data:`PREFETCH_THREADS` on an
-        object store, 1 on a local file system, where threads measured no faster). Each shard
-        costs a listing, and for
-        new parts its persisted index or footers: on an object store two or more round trips,
-        so the 64 shards of a split one after another wait ~130 round trips. The planning of a
-        feature run, its extraction and its check call this before visiting every shard.
+        object store, 1 on a local file system, where threads measured no faster). A shard
+        costs a listing, and for new parts its persisted index or footers: on an object store
+        two or more round trips each, so the 64 shards of a split one after another wait ~130
+        round trips. There the shards' listings come from one recursive listing of the split
+        (:func:`list_shard_files`) and their indexes are read ``threads`` at once. The planning
+        of a feature run, its extraction, its check and the split summary call this before
+        visiting every shard.
 
         The one use of a reader from several threads: each thread builds other shards, and a
         shard's build touches only that shard's entries of the reader's dictionaries.

@@ -946,11 +946,9 @@ def record_shard_stats(split_root: str | os.PathLike, shard: int, frontend: Fron
     # shard at once may drop each other's entry, and the summary then has no moments for it.
     with storage.nothing() if storage.is_url(split_root) else shard_lock(split_root, shard, fhash):
         never = listed is not None and storage.basename(str(shard_stats_path(split_root, shard, fhash))) not in listed
-        if never and not stats.records and not stats.tombstoned:
-            return  # an empty shard, never described: nothing to say
         old = None if never else read_shard_stats(split_root, shard, fhash)
         if old is None and not stats.records and not stats.tombstoned:
-            return
+            return  # an empty shard, never described: nothing to say
         old = old or {}
         if storage.is_url(split_root):  # one listing of the shard, unless the caller listed it
             present = listed if listed is not None else {f.name for f in storage.list_files(directory)}
