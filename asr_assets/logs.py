@@ -201,7 +201,11 @@ def native_stderr():
     fd = _native_capture.fileno()
     result = NativeStderr()
     _flush_stderr()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 at all (started with 2>&-): nothing can be printed, nothing to capture
+        yield result
+        return
     os.dup2(fd, 2)
     try:
         yield result

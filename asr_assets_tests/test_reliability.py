@@ -279,3 +279,13 @@ def test_decoder_warnings_on_stderr_are_logged_with_the_file(tmp_path, monkeypat
     assert {m.split(":")[0] for m in probed} == {f"probing {corpus / f'clip{i:02d}.mp3'}" for i in range(40)}
     assert len(featurized) == 40 and all("Xing stream size off" in m and ".mp3" in m for m in featurized)
     assert {m.split(" (path:")[0] for m in featurized} == {f"utterance {corpus / f'clip{i:02d}.mp3'}" for i in range(40)}
+
+
+def test_decoder_stderr_capture_without_a_file_descriptor_2():
+    """A worker started with stderr closed (``2>&-``) decodes as usual: nothing to capture."""
+    code = ("from asr_assets.logs import native_stderr\n"
+            "with native_stderr() as said:\n    pass\n"
+            "print('captured', repr(said.text))\n")
+    done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, timeout=120,
+                          preexec_fn=lambda: os.close(2))
+    assert done.returncode == 0 and done.stdout == "captured ''\n"
