@@ -259,7 +259,7 @@ def _featurize(task: _Task) -> tuple:
     """-> (payload, audio seconds, frames, failed stage, error, worker seconds, worker peak RSS MiB,
     what the decoder libraries wrote to stderr); the payload is ``{output name: payload}`` for a
     frontend with named outputs. In a worker process, native stderr output (libmpg123's warnings,
-    which name no file) is captured and sent back, for :func:`_run` to log with the utterance."""
+    which name no file) is captured and sent back, for :func:`_results` to log with the utterance."""
     start = time.perf_counter()
     if _STATE.get("capture_stderr"):
         with native_stderr() as stderr:
