@@ -283,6 +283,24 @@ def list_shard_files(split_root: str) -> dict[int, list]:
     return found
 
 
+def _ordered_parts(files: Sequence) -> list:
+    """The committed parts among a shard's listed objects (``part_*.parquet``), oldest first by
+    ``(LastModified, name)``."""
+    return sorted((f for f in files if f.name.startswith("part_") and f.name.endswith(".parquet")),
+                  key=lambda p: (p.mtime_ns, p.name))
+
+
+def map_shards(fn, shards: Sequence[int], threads: int) -> list:
+    """``[fn(shard) for shard in shards]``, up to ``threads`` at once on threads (for listings and
+    reads that wait on an object store); in this thread when ``threads`` <= 1 or one shard."""
+    if threads <= 1 or len(shards) <= 1:
+        return [fn(shard) for shard in shards]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(threads, len(shards)), thread_name_prefix="asr-shards") as pool:
+        return list(pool.map(fn, shards))
+
+
 def list_parts(directory: Path) -> list[Path]:
     """Committed parts of a shard, oldest first by ``(st_mtime_ns, name)``.
 
@@ -292,9 +310,7 @@ def list_parts(directory: Path) -> list[Path]:
     second (S3's ``LastModified`` has whole seconds).
     """
     if storage.is_url(directory):
-        parts = [p for p in storage.list_files(str(directory)) if p.name.startswith("part_") and p.name.endswith(".parquet")]
-        parts.sort(key=lambda p: (p.mtime_ns, p.name))
-        return parts
+        return _ordered_parts(storage.list_files(str(directory)))
     try:
         entries = [e for e in os.scandir(directory) if e.name.startswith("part_") and e.name.endswith(".parquet")]
     except FileNotFoundError:
@@ -753,16 +769,16 @@ class ShardedParquetFeatureCache:
         else:
             self._checked.pop(shard, None)
 
-    def prefetch(self, shards: Iterable[int], threads: int | None = None) -> None:
+    def prefetch(self, shards: Iterable[int], threads: int | None = None, listing: dict[int, list] | None = None) -> None:
         """Build (or re-validate, if older than ``refresh_interval_s``) the indexes of
         ``shards`` now, up to ``threads`` shards at once (default: :data:`PREFETCH_THREADS` on an
         object store, 1 on a local file system, where threads measured no faster). A shard
         costs a listing, and for new parts its persisted index or footers: on an object store
         two or more round trips each, so the 64 shards of a split one after another wait ~130
         round trips. There the shards' listings come from one recursive listing of the split
-        (:func:`list_shard_files`) and their indexes are read ``threads`` at once. The planning
-        of a feature run, its extraction, its check and the split summary call this before
-        visiting every shard.
+        (:func:`list_shard_files`; ``listing``: its result, when the caller already listed the
+        split) and their indexes are read ``threads`` at once. The planning of a feature run,
+        its extraction, its check and the split summary call this before visiting every shard.
 
         The one use of a reader from several threads: each thread builds other shards, and a
         shard's build touches only that shard's entries of the reader's dictionaries.
@@ -776,29 +792,12 @@ class ShardedParquetFeatureCache:
         now = time.monotonic()
         todo = [shard for shard in dict.fromkeys(shards)
                 if shard not in self._index or now - self._checked.get(shard, -math.inf) >= self.refresh_interval_s]
-        listed = self._list_shards() if remote and len(todo) > 1 else None
-
-        def build(shard: int) -> None:
-            self._shard(shard, None if listed is None else listed.get(shard, []))
-
-        if threads <= 1 or len(todo) <= 1:
-            for shard in todo:
-                build(shard)
-            return
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(threads, len(todo)), thread_name_prefix="asr-shard-index") as pool:
-            for _ in pool.map(build, todo):
-                pass
-
-    def _list_shards(self) -> dict[int, list]:
-        """On an object store: the parts of every shard from one listing
-        (:func:`list_shard_files`), each shard's oldest first as :func:`list_parts` orders them."""
-        found = {shard: [f for f in files if f.name.startswith("part_") and f.name.endswith(".parquet")]
-                 for shard, files in list_shard_files(self.split_root).items()}
-        for parts in found.values():
-            parts.sort(key=lambda p: (p.mtime_ns, p.name))
-        return found
+        if remote and (listing is not None or len(todo) > 1):  # each shard's parts, from one listing
+            listing = listing if listing is not None else list_shard_files(self.split_root)
+            parts = {shard: _ordered_parts(listing.get(shard, ())) for shard in todo}
+        else:
+            parts = None
+        map_shards(lambda shard: self._shard(shard, None if parts is None else parts[shard]), todo, threads)
 
     def shard_index_of(self, key: str) -> dict[str, tuple[Path, int] | None]:
         """``{key: (part, row) | None}`` of the shard holding ``key`` (None = tombstone)."""

@@ -35,7 +35,6 @@ import logging
 import math
 import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -43,7 +42,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import storage
-from .feature_cache import PREFETCH_THREADS, ShardedParquetFeatureCache, cache_key, shard_dir, shard_index
+from .feature_cache import (PREFETCH_THREADS, ShardedParquetFeatureCache, cache_key, list_shard_files, map_shards,
+                            shard_dir, shard_index)
 from .frontends import Frontend
 from .pipeline import listed_failure_reports, read_shard_stats
 from .record_cache import RecordStore, record_cache_exists
@@ -192,21 +192,15 @@ def _summarize_features(settings: Settings, split: str, frontend: Frontend, ids:
     total = np.zeros(frontend.feature_dim)
     total_sq = np.zeros(frontend.feature_dim)
     reports = listed_failure_reports(settings, frontend.name, split)
-    # on an object store one listing says which shard folders exist (not a request per shard)
-    folders = storage.list_dirs(storage.join(str(split_root), "feature_shards")) if storage.is_url(split_root) else None
-    shards = [shard for shard in range(settings.num_shards)
-              if (storage.basename(str(shard_dir(split_root, shard))) in folders if folders is not None
-                  else shard_dir(split_root, shard).is_dir())]
-    cache.prefetch(shards)  # the shards' indexes (on an object store several at once, one listing)
-
-    def stats(shard: int) -> dict | None:
-        return read_shard_stats(split_root, shard, fhash)
-
-    if storage.is_url(split_root) and len(shards) > 1:  # a GET each: several at once
-        with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="asr-shard-stats") as pool:
-            states = dict(zip(shards, pool.map(stats, shards)))
-    else:
-        states = {shard: stats(shard) for shard in shards}
+    # on an object store one listing says which shard folders exist (not a request per shard),
+    # and the shards' indexes and stats sidecars are read several at once
+    remote = storage.is_url(split_root)
+    listing = list_shard_files(split_root) if remote else None
+    shards = [s for s in (sorted(listing) if remote else range(settings.num_shards))
+              if s < settings.num_shards and (remote or shard_dir(split_root, s).is_dir())]
+    cache.prefetch(shards, listing=listing)
+    states = dict(zip(shards, map_shards(lambda shard: read_shard_stats(split_root, shard, fhash), shards,
+                                         PREFETCH_THREADS if remote else 1)))
     for shard in range(settings.num_shards):
         report = settings.features_report_path(frontend.name, split, shard)
         if reports is None or report.name in reports:
