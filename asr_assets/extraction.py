@@ -273,15 +273,13 @@ def _featurize(task: _Task) -> tuple:
 
 def _results(results: Iterator[tuple]) -> Iterator[tuple]:
     """``(task, 7-tuple result)`` of ``(task, result)``: a decoder's stderr output (the 8th
-    element, when a worker sent one) is logged here as a warning naming the utterance."""
+    element) is logged here as a warning naming the utterance."""
     try:
         for task, result in results:
-            if len(result) > 7:
-                if result[7]:
-                    logger.warning("utterance %s (%s): the decoder wrote: %s", task.utterance_id,
-                                   _label(task.source), result[7])
-                result = result[:7]
-            yield task, result
+            if result[7]:
+                logger.warning("utterance %s (%s): the decoder wrote: %s", task.utterance_id,
+                               _label(task.source), result[7])
+            yield task, result[:7]
     finally:
         results.close()  # now, not when collected: the caller's close() stops the workers
 
@@ -391,16 +389,15 @@ def shards_with_work(store: RecordStore, split_root: str | os.PathLike, frontend
     if isinstance(frontend_hash, Frontend):
         output_hashes, frontend_hash = frontend_hash.output_hashes(), frontend_hash.frontend_hash()
     reader = ShardedParquetFeatureCache(split_root, num_shards)
+    reader.prefetch(range(num_shards))
     busy = []
     if None not in output_hashes:  # named outputs: every output key of every record
-        reader.prefetch(range(num_shards))
         for shard, tasks in plan_shard_tasks(store, frontend_hash, range(num_shards), num_shards).items():
             missing, orphans = _shard_work(reader.keys(shard, frontend_hash=frontend_hash), tasks, output_hashes)
             if orphans or any(t.utterance_id not in known_failed for t in missing):
                 busy.append(shard)
         return busy
     keys = record_keys(store, frontend_hash, num_shards)
-    reader.prefetch(range(num_shards))
     for shard in range(num_shards):
         members = np.flatnonzero(keys.shards == shard)
         wanted = {keys.hex(i) for i in members}
@@ -880,7 +877,7 @@ def _timeout_result(task: _Task, config: ExtractionConfig, limit: float) -> tupl
     return (None, 0.0, 0, "timeout",
             f"no result within {limit:g} s (limit {config.describe_limit(task.expected_samples)}): the worker was "
             "killed and replaced (a hung decoder or frontend: a FIFO or device that never delivers data, "
-            "a stalled network or file system, a pathological input)", 0.0, 0.0)
+            "a stalled network or file system, a pathological input)", 0.0, 0.0, "")
 
 
 def _run(tasks: list[_Task], state: tuple, workers: int, config: ExtractionConfig = ExtractionConfig()):
@@ -952,7 +949,7 @@ def _schedule(pool: _WorkerPool, tasks: list[_Task], workers: int, config: Extra
             else:
                 crashes[culprit] = crashes.get(culprit, 0) + 1
                 if crashes[culprit] >= 2:
-                    finish(culprit, (None, 0.0, 0, "worker", _CRASHED.format(how=worker.describe_exit()), 0.0, 0.0))
+                    finish(culprit, (None, 0.0, 0, "worker", _CRASHED.format(how=worker.describe_exit()), 0.0, 0.0, ""))
                 else:
                     waiting.append(culprit)  # once more, in another worker: the kill may not be its fault
             requeue(waiting)
